@@ -1,0 +1,186 @@
+"""Array-API plumbing: namespace and device resolution, input validation, FFT helpers.
+
+This is the one module allowed to special-case a backend (``scipy.fft`` with ``workers``
+for NumPy input).  Every algorithm module receives ``xp`` from :func:`namespace` at its
+public boundary and passes it to private helpers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import array_api_compat
+import array_api_extra as xpx
+import scipy.fft
+
+__all__ = [
+    "as_floating",
+    "check_last_dim",
+    "check_rows",
+    "exclusive_cumsum",
+    "fast_length",
+    "irfft",
+    "namespace",
+    "resolve_scale",
+    "rfft",
+    "sum_to_shape",
+    "validate_attention_inputs",
+]
+
+_FFT_WORKERS = int(os.environ.get("CONVBASIS_FFT_WORKERS", "-1"))
+
+
+def namespace(*arrays):
+    """Return the array namespace shared by ``arrays`` (``None`` entries are skipped).
+
+    Raises
+    ------
+    TypeError
+        If the arrays come from different libraries or live on different devices.
+    """
+    present = [a for a in arrays if a is not None]
+    try:
+        xp = array_api_compat.array_namespace(*present)
+    except TypeError as exc:
+        raise TypeError(f"all arrays must come from one array library: {exc}") from None
+    devices = {str(array_api_compat.device(a)) for a in present}
+    if len(devices) > 1:
+        raise TypeError(f"all arrays must live on one device, got {sorted(devices)}")
+    return xp
+
+
+def as_floating(xp, arrays, names):
+    """Check that every array has a real floating dtype and promote them to a common one.
+
+    Integer and boolean inputs raise ``TypeError`` naming the argument, rather than being
+    silently cast: a caller passing token ids where embeddings are expected has a bug.
+    """
+    for a, name in zip(arrays, names, strict=True):
+        if not xp.isdtype(a.dtype, "real floating"):
+            raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
+    dtype = xp.result_type(*arrays)
+    return tuple(a if a.dtype == dtype else xp.astype(a, dtype) for a in arrays)
+
+
+def check_rows(x, name, *, min_ndim=2):
+    """Require ``x.ndim >= min_ndim`` and a non-empty sequence axis ``x.shape[-2]``."""
+    if x.ndim < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions (..., n, d), got shape {x.shape}"
+        )
+    if x.shape[-2] == 0:
+        raise ValueError(f"{name} must have a non-empty sequence axis (n >= 1), got {x.shape}")
+
+
+def check_last_dim(x, name, expected, what):
+    """Require ``x.shape[-1] == expected``; the message says what the axis must match."""
+    if x.shape[-1] != expected:
+        raise ValueError(
+            f"{name} must have last dimension {expected} ({what}), got shape {x.shape}"
+        )
+
+
+def validate_attention_inputs(q, k, v, *, causal, extra=(), extra_names=()):
+    """Validate ``q (..., n, d)``, ``k (..., m, d)``, ``v (..., m, e)`` (plus ``extra``).
+
+    Returns ``(xp, q, k, v, *extra)`` with a common floating dtype.  Causal attention needs
+    ``n == m``; leading axes must broadcast against each other.
+    """
+    arrays = (q, k, v, *extra)
+    names = ("q", "k", "v", *extra_names)
+    xp = namespace(*arrays)
+    for a, name in zip(arrays, names, strict=True):
+        check_rows(a, name)
+    check_last_dim(k, "k", q.shape[-1], "the head dimension of q")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"v must have as many rows as k ({k.shape[-2]}), got shape {v.shape}"
+        )
+    if causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            "causal attention needs as many queries as keys, got "
+            f"q shape {q.shape} and k shape {k.shape}"
+        )
+    try:
+        xpx.broadcast_shapes(*(a.shape[:-2] for a in arrays))
+    except ValueError:
+        raise ValueError(
+            "leading (batch/head) axes must broadcast, got shapes "
+            + ", ".join(f"{n} {a.shape}" for a, n in zip(arrays, names, strict=True))
+        ) from None
+    return (xp, *as_floating(xp, arrays, names))
+
+
+def resolve_scale(scale, d):
+    """The logit scale: ``1/sqrt(d)`` by default (PyTorch SDPA); the papers use ``1/d``."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def fast_length(n):
+    """Smallest length ``>= n`` whose real FFT is fast (5-smooth), via ``scipy.fft``."""
+    return scipy.fft.next_fast_len(int(n), real=True)
+
+
+def rfft(x, n, axis, xp):
+    """Real FFT of ``x`` zero-padded to length ``n`` along ``axis``.
+
+    NumPy input goes through ``scipy.fft`` (multi-threaded, keeps float32 as complex64);
+    every other backend uses its own ``xp.fft``.
+    """
+    if array_api_compat.is_numpy_namespace(xp):
+        return scipy.fft.rfft(x, n=n, axis=axis, workers=_FFT_WORKERS)
+    return xp.fft.rfft(x, n=n, axis=axis)
+
+
+def irfft(x, n, axis, xp):
+    """Inverse of :func:`rfft`: real signal of length ``n`` along ``axis``."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return scipy.fft.irfft(x, n=n, axis=axis, workers=_FFT_WORKERS)
+    return xp.fft.irfft(x, n=n, axis=axis)
+
+
+def sum_to_shape(xp, x, shape):
+    """Sum ``x`` over the axes that broadcasting added to an array of ``shape``.
+
+    Gradients of broadcast inputs (a weight shared by every batch element, say) are the sum
+    of the per-element gradients.
+    """
+    extra = x.ndim - len(shape)
+    if extra > 0:
+        x = xp.sum(x, axis=tuple(range(extra)))
+    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+    if axes:
+        x = xp.sum(x, axis=axes, keepdims=True)
+    return x
+
+
+def exclusive_cumsum(xp, x, *, axis, reverse=False):
+    """Exclusive running sum along ``axis`` (suffix sum when ``reverse``).
+
+    ``out[t] = Σ_{s<t} x[s]`` (or ``Σ_{s>t} x[s]``).  NumPy's ``cumsum`` along a non-last
+    axis runs ~15x slower than a running sum over slices (measured on (1024, 64, 64)
+    float32: 50 ms against 3 ms), so NumPy input takes the slice loop; every other backend
+    uses ``xp.cumulative_sum``.
+    """
+    axis = axis % x.ndim
+    if reverse:
+        x = xp.flip(x, axis=axis)
+    if array_api_compat.is_numpy_namespace(xp):
+        out = xp.empty_like(x)
+        index = [slice(None)] * x.ndim
+        running = xp.zeros_like(x[(*index[:axis], 0)])
+        for t in range(x.shape[axis]):
+            index[axis] = t
+            out[tuple(index)] = running
+            running += x[tuple(index)]
+    else:
+        head = [slice(None)] * x.ndim
+        head[axis] = slice(0, x.shape[axis] - 1)
+        out = xp.cumulative_sum(x[tuple(head)], axis=axis, include_initial=True)
+    return xp.flip(out, axis=axis) if reverse else out
