@@ -11,7 +11,6 @@ import math
 import os
 
 import array_api_compat
-import array_api_extra as xpx
 import scipy.fft
 
 __all__ = [
@@ -103,7 +102,7 @@ def validate_attention_inputs(q, k, v, *, causal, extra=(), extra_names=()):
             f"q shape {q.shape} and k shape {k.shape}"
         )
     try:
-        xpx.broadcast_shapes(*(a.shape[:-2] for a in arrays))
+        xp.broadcast_shapes(*(a.shape[:-2] for a in arrays))
     except ValueError:
         raise ValueError(
             "leading (batch/head) axes must broadcast, got shapes "
@@ -154,7 +153,8 @@ def sum_to_shape(xp, x, shape):
     extra = x.ndim - len(shape)
     if extra > 0:
         x = xp.sum(x, axis=tuple(range(extra)))
-    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+    pairs = enumerate(zip(x.shape, shape, strict=True))
+    axes = tuple(i for i, (a, b) in pairs if b == 1 and a != 1)
     if axes:
         x = xp.sum(x, axis=axes, keepdims=True)
     return x

@@ -172,7 +172,7 @@ def attention_backward(q, k, v, grad_out, /, *, causal=True, scale=None, block=N
         )
     scale = resolve_scale(scale, q.shape[-1])
     block = _check_block(block, q.shape[-2])
-    batch = xpx.broadcast_shapes(*(a.shape[:-2] for a in (q, k, v, grad_out)))
+    batch = xp.broadcast_shapes(*(a.shape[:-2] for a in (q, k, v, grad_out)))
     dk = xp.zeros((*batch, *k.shape[-2:]), dtype=q.dtype, device=device(q))
     dv = xp.zeros((*batch, *v.shape[-2:]), dtype=q.dtype, device=device(q))
     dq = []

@@ -80,7 +80,7 @@ def _params():
     return params
 
 
-@pytest.fixture(params=_params())
+@pytest.fixture(params=_params(), scope="session")
 def xp(request):
     """The array namespace under test (a module whose ``asarray`` builds inputs)."""
     return _load(request.param)

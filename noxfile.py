@@ -1,0 +1,46 @@
+"""Test, lint, docs and benchmark sessions.  ``nox`` alone runs the CPU tests and lint."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests(backend='numpy')", "tests(backend='array_api_strict')", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = os.environ.get("CONVBASIS_NOX_PYTHON") or None
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("backend", ["numpy", "array_api_strict", "cupy"])
+def tests(session, backend):
+    """Run the suite on one array backend (``cupy`` skips itself without a GPU)."""
+    extras = "test,cupy" if backend == "cupy" else "test"
+    if backend == "cupy":
+        session.install("cupy-cuda12x")
+        probe = (
+            "try:\n import cupy; print(cupy.cuda.runtime.getDeviceCount())\n"
+            "except Exception:\n print(0)"
+        )
+        out = session.run("python", "-c", probe, silent=True)
+        if int(out.strip().splitlines()[-1]) == 0:
+            session.skip("no GPU visible to CuPy")
+    session.install("-e", f".[{extras}]")
+    names = "numpy,numpy_readonly" if backend == "numpy" else backend
+    session.run("pytest", *session.posargs, env={"CONVBASIS_BACKEND": names})
+
+
+@nox.session(python=PYTHON)
+def lint(session):
+    """ruff: lint and formatting check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(python=PYTHON)
+def docs(session):
+    """Build the Sphinx site offline with warnings as errors."""
+    session.install("-e", ".[docs]")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")

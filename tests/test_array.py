@@ -1,0 +1,71 @@
+"""The Array-API layer: namespaces, dtypes, FFT helpers, running sums."""
+
+from __future__ import annotations
+
+import array_api_strict
+import numpy as np
+import pytest
+from array_api_compat import array_namespace
+
+from convbasis._array import (
+    exclusive_cumsum,
+    fast_length,
+    irfft,
+    namespace,
+    resolve_scale,
+    rfft,
+    sum_to_shape,
+)
+from convbasis.testing import assert_close
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fft_round_trip_keeps_dtype(xp, rng, dtype):
+    x = xp.asarray(rng.standard_normal((3, 10)).astype(dtype))
+    length = fast_length(19)
+    spec = rfft(x, length, -1, array_namespace(x))
+    back = irfft(spec, length, -1, array_namespace(x))
+    assert back.dtype == getattr(xp, dtype)
+    assert_close(back[..., :10], np.asarray(x), atol=1e-5 if dtype == "float32" else 1e-12)
+
+
+def test_fast_length():
+    assert fast_length(1) == 1
+    assert fast_length(17) == 18
+    assert all(fast_length(n) >= n for n in range(1, 200))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_exclusive_cumsum(xp, rng, reverse):
+    x = rng.standard_normal((2, 5, 3, 4))
+    out = np.asarray(exclusive_cumsum(array_namespace(xp.asarray(x)), xp.asarray(x), axis=1,
+                                      reverse=reverse))
+    csum = np.cumsum(x[:, ::-1] if reverse else x, axis=1)
+    expected = np.concatenate([np.zeros_like(x[:, :1]), csum[:, :-1]], axis=1)
+    np.testing.assert_allclose(out, expected[:, ::-1] if reverse else expected, atol=1e-13)
+
+
+def test_sum_to_shape(xp, rng):
+    x = rng.standard_normal((2, 3, 4))
+    xpn = array_namespace(xp.asarray(x))
+    assert_close(sum_to_shape(xpn, xp.asarray(x), (1, 3, 4)), x.sum(0, keepdims=True))
+    assert_close(sum_to_shape(xpn, xp.asarray(x), (4,)), x.sum((0, 1)), atol=1e-13)
+    assert_close(sum_to_shape(xpn, xp.asarray(x), (3, 1)), x.sum(0).sum(-1, keepdims=True),
+                 atol=1e-13)
+
+
+def test_namespace_errors():
+    with pytest.raises(TypeError, match="one array library"):
+        namespace(np.ones(2), array_api_strict.asarray([1.0, 2.0]))
+    dev = array_api_strict.Device("device1")
+    a = array_api_strict.asarray([1.0])
+    b = array_api_strict.asarray([1.0], device=dev)
+    with pytest.raises(TypeError, match="one device"):
+        namespace(a, b)
+
+
+def test_resolve_scale():
+    assert resolve_scale(None, 4) == 0.5
+    assert resolve_scale(2, 4) == 2.0
+    with pytest.raises(ValueError, match="scale must be finite"):
+        resolve_scale(float("inf"), 4)
