@@ -16,7 +16,7 @@ import math
 
 import array_api_extra as xpx
 
-from ._array import as_floating, check_rows, exclusive_cumsum, namespace
+from ._array import as_floating, check_rows, exclusive_cumsum, map_chunks, namespace
 
 __all__ = [
     "face_splitting_product",
@@ -32,9 +32,7 @@ def _validate(arrays, names):
     n = arrays[0].shape[-2]
     for a, name in zip(arrays[1:], names[1:], strict=True):
         if a.shape[-2] != n:
-            raise ValueError(
-                f"{name} must have n = {n} rows like {names[0]}, got shape {a.shape}"
-            )
+            raise ValueError(f"{name} must have n = {n} rows like {names[0]}, got shape {a.shape}")
     return (xp, *as_floating(xp, arrays, names))
 
 
@@ -77,15 +75,24 @@ def masked_product(xp, u, v, z, *, upper, strict, chunk):
 
     rows = xp.arange(chunk)[:, None]
     cols = xp.arange(chunk)[None, :]
-    keep = (rows < cols if strict else rows <= cols) if upper else (
-        rows > cols if strict else rows >= cols
+    keep = (
+        (rows < cols if strict else rows <= cols)
+        if upper
+        else (rows > cols if strict else rows >= cols)
     )
-    out = ((u_c @ mT(v_c)) * xp.astype(keep, u.dtype)) @ z_c
+    keep = xp.astype(keep, u.dtype)
 
-    if count > 1:
-        # MATH §1: state S_t = V_tᵀ Z_t; each chunk sees the exclusive prefix (suffix) sum.
-        seen = exclusive_cumsum(xp, mT(v_c) @ z_c, axis=-3, reverse=upper)
-        out = out + u_c @ seen
+    if count == 1:
+        return ((u_c @ mT(v_c)) * keep @ z_c)[..., 0, :n, :]
+    # MATH §1: chunk states S_t = V_tᵀ Z_t; each chunk sees their exclusive prefix (suffix) sum.
+    seen = exclusive_cumsum(
+        xp, map_chunks(xp, lambda a, b: mT(a) @ b, v_c, z_c), axis=-3, reverse=upper
+    )
+
+    def chunk_rows(u_c, v_c, z_c, seen):
+        return ((u_c @ mT(v_c)) * keep) @ z_c + u_c @ seen
+
+    out = map_chunks(xp, chunk_rows, u_c, v_c, z_c, seen)
     out = xp.reshape(out, (*out.shape[:-3], count * chunk, out.shape[-1]))
     return out[..., :n, :]
 

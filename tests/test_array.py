@@ -38,8 +38,9 @@ def test_fast_length():
 @pytest.mark.parametrize("reverse", [False, True])
 def test_exclusive_cumsum(xp, rng, reverse):
     x = rng.standard_normal((2, 5, 3, 4))
-    out = np.asarray(exclusive_cumsum(array_namespace(xp.asarray(x)), xp.asarray(x), axis=1,
-                                      reverse=reverse))
+    out = np.asarray(
+        exclusive_cumsum(array_namespace(xp.asarray(x)), xp.asarray(x), axis=1, reverse=reverse)
+    )
     csum = np.cumsum(x[:, ::-1] if reverse else x, axis=1)
     expected = np.concatenate([np.zeros_like(x[:, :1]), csum[:, :-1]], axis=1)
     np.testing.assert_allclose(out, expected[:, ::-1] if reverse else expected, atol=1e-13)
@@ -50,8 +51,9 @@ def test_sum_to_shape(xp, rng):
     xpn = array_namespace(xp.asarray(x))
     assert_close(sum_to_shape(xpn, xp.asarray(x), (1, 3, 4)), x.sum(0, keepdims=True))
     assert_close(sum_to_shape(xpn, xp.asarray(x), (4,)), x.sum((0, 1)), atol=1e-13)
-    assert_close(sum_to_shape(xpn, xp.asarray(x), (3, 1)), x.sum(0).sum(-1, keepdims=True),
-                 atol=1e-13)
+    assert_close(
+        sum_to_shape(xpn, xp.asarray(x), (3, 1)), x.sum(0).sum(-1, keepdims=True), atol=1e-13
+    )
 
 
 def test_namespace_errors():

@@ -53,7 +53,9 @@ def test_masked_lowrank_matmul(xp, case):
     z = rng.standard_normal((n, p))  # broadcast against the batch axes
     t, s, dtype = case["transpose"], case["strict"], case["dtype"]
     out = masked_lowrank_matmul(
-        *(xp.asarray(a.astype(dtype)) for a in (u, v, z)), transpose=t, strict=s,
+        *(xp.asarray(a.astype(dtype)) for a in (u, v, z)),
+        transpose=t,
+        strict=s,
         chunk=case["chunk"],
     )
     assert out.dtype == getattr(xp, dtype)
@@ -72,7 +74,9 @@ def test_masked_hadamard_matmul(xp, case, s):
     z = rng.standard_normal((*batch, n, p))
     t, st_, dtype = case["transpose"], case["strict"], case["dtype"]
     out = masked_hadamard_matmul(
-        *(xp.asarray(a.astype(dtype)) for a in (u, v, g, y, z)), transpose=t, strict=st_,
+        *(xp.asarray(a.astype(dtype)) for a in (u, v, g, y, z)),
+        transpose=t,
+        strict=st_,
         chunk=case["chunk"],
     )
     assert out.dtype == getattr(xp, dtype)
@@ -93,8 +97,9 @@ def test_face_splitting_identity(xp, rng):
 
 def test_known_values(xp):
     ones = xp.asarray(np.ones((4, 1)))
-    np.testing.assert_array_equal(np.asarray(masked_lowrank_matmul(ones, ones, ones))[:, 0],
-                                  [1, 2, 3, 4])
+    np.testing.assert_array_equal(
+        np.asarray(masked_lowrank_matmul(ones, ones, ones))[:, 0], [1, 2, 3, 4]
+    )
     np.testing.assert_array_equal(
         np.asarray(masked_lowrank_matmul(ones, ones, ones, transpose=True, strict=True))[:, 0],
         [3, 2, 1, 0],

@@ -172,9 +172,7 @@ def test_self_attention_gradients_finite_differences(xp, rng, causal):
     w = arrays[1] @ arrays[2].T
 
     def loss_w(w):
-        return float(
-            np.sum(g * naive_attention(x @ w, x, x @ w_v, causal, scale, "float64"))
-        )
+        return float(np.sum(g * naive_attention(x @ w, x, x @ w_v, causal, scale, "float64")))
 
     t = rng.standard_normal(w.shape)
     expected = (loss_w(w + 1e-6 * t) - loss_w(w - 1e-6 * t)) / 2e-6
@@ -191,8 +189,9 @@ def test_five_terms_separately(xp, rng, causal):
     t1, t2, t3, t4, t5 = (to_numpy(t) for t in res.terms)
     assert_close(res.dx, t1 + t2 + t3 + t4 + t5, atol=1e-13)
     # Independent NumPy evaluation of each term from f, delta and X.
-    f = to_numpy(attention_weights(xp.asarray(x @ w_q), xp.asarray(x @ w_k), causal=causal,
-                                   scale=scale))
+    f = to_numpy(
+        attention_weights(xp.asarray(x @ w_q), xp.asarray(x @ w_k), causal=causal, scale=scale)
+    )
     y = x @ w_v
     delta = np.sum(g * (f @ y), axis=-1)
     w = w_q @ w_k.T
@@ -202,8 +201,12 @@ def test_five_terms_separately(xp, rng, causal):
     np.testing.assert_allclose(t4, -scale * f.T @ (delta[:, None] * (x @ w)), atol=1e-12)
     np.testing.assert_allclose(t5, f.T @ g @ w_v.T, atol=1e-12)
     # And against the (q, k, v) backward through the chain rule.
-    dq, dk, dv = (to_numpy(a) for a in attention_backward(
-        *(xp.asarray(a) for a in (x @ w_q, x @ w_k, y, g)), causal=causal, scale=scale))
+    dq, dk, dv = (
+        to_numpy(a)
+        for a in attention_backward(
+            *(xp.asarray(a) for a in (x @ w_q, x @ w_k, y, g)), causal=causal, scale=scale
+        )
+    )
     np.testing.assert_allclose(t1 + t2, dq @ w_q.T, atol=1e-12)
     np.testing.assert_allclose(t3 + t4, dk @ w_k.T, atol=1e-12)
     np.testing.assert_allclose(t5, dv @ w_v.T, atol=1e-12)
