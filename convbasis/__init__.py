@@ -2,23 +2,25 @@
 
 Every function takes arrays from any library that array-api-compat supports (NumPy, CuPy,
 array-api-strict, ...) and returns results in the caller's library, device and dtype.
+The dense oracles live in :mod:`convbasis.reference`; ``convbasis.self_attention_gradients``
+is the operator-based version that takes ``method=``.
 """
 
 from .causal import face_splitting_product, masked_hadamard_matmul, masked_lowrank_matmul
-from .reference import (
-    SelfAttentionGradients,
-    attention,
-    attention_backward,
-    attention_weights,
-    self_attention_gradients,
-)
+from .gradients import attention_gradients, self_attention_gradients
+from .operators import AttentionOperator, DenseAttentionOperator, attention_operator
+from .reference import SelfAttentionGradients, attention, attention_backward, attention_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionOperator",
+    "DenseAttentionOperator",
     "SelfAttentionGradients",
     "attention",
     "attention_backward",
+    "attention_gradients",
+    "attention_operator",
     "attention_weights",
     "face_splitting_product",
     "masked_hadamard_matmul",
