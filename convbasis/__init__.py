@@ -8,6 +8,15 @@ is the operator-based version that takes ``method=``.
 
 from .causal import face_splitting_product, masked_hadamard_matmul, masked_lowrank_matmul
 from .gradients import attention_gradients, self_attention_gradients
+from .multipole import (
+    MultipoleAttentionOperator,
+    MultipoleGradients,
+    multipole_attention,
+    multipole_attention_backward,
+    multipole_operator,
+    multipole_reference,
+    multipole_weights,
+)
 from .operators import AttentionOperator, DenseAttentionOperator, attention_operator
 from .reference import SelfAttentionGradients, attention, attention_backward, attention_weights
 
@@ -16,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionOperator",
     "DenseAttentionOperator",
+    "MultipoleAttentionOperator",
+    "MultipoleGradients",
     "SelfAttentionGradients",
     "attention",
     "attention_backward",
@@ -25,5 +36,10 @@ __all__ = [
     "face_splitting_product",
     "masked_hadamard_matmul",
     "masked_lowrank_matmul",
+    "multipole_attention",
+    "multipole_attention_backward",
+    "multipole_operator",
+    "multipole_reference",
+    "multipole_weights",
     "self_attention_gradients",
 ]

@@ -15,9 +15,12 @@ import numpy as np
 
 from . import reference
 from .causal import masked_hadamard_matmul, masked_lowrank_matmul
+from .multipole import multipole_attention
 
 
 def _timed(func):
+    """Result and wall time of ``func()``, timed on a second call (first-call costs excluded)."""
+    func()
     start = time.perf_counter()
     out = func()
     return out, time.perf_counter() - start
@@ -62,6 +65,15 @@ def _rows(n, d, rng):
     had = dense * (gy[0].astype(np.float64) @ gy[1].T.astype(np.float64))
     out, sec = _timed(lambda: masked_hadamard_matmul(u, w, *gy, v))
     yield "masked Hadamard product (M∘UVᵀ∘GYᵀ)Z, rank-4 G", n, d, _rel(out, had @ v64), sec
+
+    # FMA on attention with a decaying relative-position bias −(i − j)/8 (one extra
+    # coordinate of q and k), where attention is mostly local and FMA is accurate.
+    q_b = np.concatenate([q64, np.ones((n, 1))], axis=1)
+    k_b = np.concatenate([k64, np.arange(n)[:, None] / 8 / scale], axis=1)
+    exact = reference.attention(q_b, k_b, v64, scale=scale, block=512)
+    q_b, k_b = q_b.astype(np.float32), k_b.astype(np.float32)
+    out, sec = _timed(lambda: multipole_attention(q_b, k_b, v, block=64, basis=4, scale=scale))
+    yield "fast multipole attention (decaying bias, block 64)", n, d, _rel(out, exact), sec
 
 
 def demo(n=2048, d=64, seed=0, file=sys.stdout):
