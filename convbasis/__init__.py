@@ -18,6 +18,20 @@ from .multipole import (
     multipole_weights,
 )
 from .operators import AttentionOperator, DenseAttentionOperator, attention_operator
+from .polynomial import (
+    ExpApproximationError,
+    LowRankAttentionOperator,
+    LowRankFactors,
+    chebyshev_coefficients,
+    degree_for,
+    exp_approximation_error,
+    exp_coefficients,
+    lowrank_attention,
+    lowrank_factors,
+    lowrank_operator,
+    rank_for,
+    taylor_coefficients,
+)
 from .reference import SelfAttentionGradients, attention, attention_backward, attention_weights
 
 __version__ = "0.1.0"
@@ -25,6 +39,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionOperator",
     "DenseAttentionOperator",
+    "ExpApproximationError",
+    "LowRankAttentionOperator",
+    "LowRankFactors",
     "MultipoleAttentionOperator",
     "MultipoleGradients",
     "SelfAttentionGradients",
@@ -33,7 +50,14 @@ __all__ = [
     "attention_gradients",
     "attention_operator",
     "attention_weights",
+    "chebyshev_coefficients",
+    "degree_for",
+    "exp_approximation_error",
+    "exp_coefficients",
     "face_splitting_product",
+    "lowrank_attention",
+    "lowrank_factors",
+    "lowrank_operator",
     "masked_hadamard_matmul",
     "masked_lowrank_matmul",
     "multipole_attention",
@@ -41,5 +65,7 @@ __all__ = [
     "multipole_operator",
     "multipole_reference",
     "multipole_weights",
+    "rank_for",
     "self_attention_gradients",
+    "taylor_coefficients",
 ]

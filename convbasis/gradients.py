@@ -45,9 +45,15 @@ def attention_gradients(
     Returns
     -------
     (dq, dk, dv)
-        Shaped like ``q``, ``k``, ``v``.  Error: for ``method="lowrank"`` with entrywise relative
-        error ``ε`` of ``exp``, ``f`` is off by at most ``2ε/(1−ε)`` in relative row-sum terms, so
-        every product above is off by at most that factor times its dense magnitude.
+        Shaped like ``q``, ``k``, ``v``.
+
+    Notes
+    -----
+    Error of ``method="lowrank"``: if ``|Ã − A| <= ε A`` entrywise (``ε`` the operator's
+    ``rel_error_bound``), then with ``η = 2ε/(1−ε)`` one has ``|f̃ − f| <= η f`` and, entrywise,
+    ``|P̃ − P| <= η (3 + η) ‖V‖_max diag(‖G_i‖₁) f``, hence ``|Δdq| <= s |ΔP| |K|``,
+    ``|Δdk| <= s |ΔP|ᵀ |Q|`` and ``|Δdv| <= η fᵀ |G|`` (tested).  Conv-basis gradients are exact
+    up to FFT round-off when the logits have an exact k-conv basis of the requested rank.
     """
     xp, q, k, v, g = validate_attention_inputs(
         q, k, v, causal=causal, extra=(grad_out,), extra_names=("grad_out",)
