@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import nox
 
@@ -44,3 +45,39 @@ def docs(session):
     """Build the Sphinx site offline with warnings as errors."""
     session.install("-e", ".[docs]")
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+def _asv(session):
+    session.install("-e", ".[bench,test]")
+    session.chdir("asv_benchmarks")
+    session.run("asv", "machine", "--yes", silent=True)
+
+
+@nox.session(python=PYTHON)
+def bench(session):
+    """Run the asv suite on the working tree (``-- -b NAME`` selects benchmarks).
+
+    Results are recorded against the current commit, so ``bench_publish`` can chart them.
+    """
+    commit = session.run("git", "rev-parse", "HEAD", external=True, silent=True).strip()
+    _asv(session)
+    args = session.posargs or ["--quick"]
+    session.run(
+        "asv", "run", "--python=same", f"--set-commit-hash={commit}", "--show-stderr", *args
+    )
+
+
+@nox.session(python=PYTHON)
+def bench_publish(session):
+    """Build the HTML benchmark history in asv_benchmarks/html from the recorded results."""
+    _asv(session)
+    session.run("asv", "publish")
+    session.log("open asv_benchmarks/html/index.html, or run: asv preview (in asv_benchmarks)")
+
+
+@nox.session(python=PYTHON)
+def figures(session):
+    """Regenerate the documentation figures and tables from real runs."""
+    session.install("-e", ".[docs]")
+    for script in sorted(Path("docs/figures").glob("*.py")):
+        session.run("python", str(script), *session.posargs)

@@ -1,8 +1,9 @@
-"""Command line: ``python -m convbasis demo``.
+"""Command line: ``python -m convbasis demo`` and ``python -m convbasis report``.
 
-The demo runs every implemented algorithm on a default problem with NumPy and prints, per
+``demo`` runs every implemented algorithm on a default problem with NumPy and prints, per
 row, the maximum error against the explicit (dense, float64) computation relative to the
-largest entry of that result, and the wall time of the library call.
+largest entry of that result, and the wall time of the library call.  ``report`` prints an
+accuracy/speed table of the attention methods for the caller's own sizes, and can save a plot.
 """
 
 from __future__ import annotations
@@ -83,14 +84,133 @@ def _rows(n, d, rng):
     yield "fast multipole attention (decaying bias, block 64)", n, d, _rel(out, exact), sec
 
 
-def demo(n=2048, d=64, seed=0, file=sys.stdout):
+def demo(n=2048, d=64, seed=0, file=sys.stdout, progress=sys.stderr):
     """Print the demo table (float32 inputs, errors against float64 explicit results)."""
     rng = np.random.default_rng(seed)
     header = f"{'algorithm':<52} {'n':>7} {'d':>4} {'rel. error':>11} {'time [s]':>9}"
     print(header, file=file)
     print("-" * len(header), file=file)
-    for name, n_, d_, err, sec in _rows(n, d, rng):
+    start = time.perf_counter()
+    for count, (name, n_, d_, err, sec) in enumerate(_rows(n, d, rng), 1):
         print(f"{name:<52} {n_:>7} {d_:>4} {err:>11.2e} {sec:>9.4f}", file=file, flush=True)
+        _progress(progress, f"{count} rows done, {time.perf_counter() - start:.1f} s elapsed")
+    _progress(progress, None)
+
+
+def _progress(stream, message):
+    """A one-line progress display on an interactive stream (nothing when redirected)."""
+    if stream is None or not stream.isatty():
+        return
+    stream.write("\r\033[K" + (f"... {message}" if message else ""))
+    stream.flush()
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def _method_runners(args):
+    """Forward-attention callables by method name, configured from the command line."""
+    from .conv import conv_attention
+
+    causal = not args.bidirectional
+    return {
+        "dense": lambda q, k, v: reference.attention(q, k, v, causal=causal, block=512),
+        "lowrank": lambda q, k, v: lowrank_attention(
+            q, k, v, causal=causal, eps=args.eps, scale=args.scale, max_rank=args.max_rank
+        ),
+        "conv": lambda q, k, v: conv_attention(
+            q, k, v, rank=args.rank, causal=causal, scale=args.scale
+        ),
+        "multipole": lambda q, k, v: multipole_attention(
+            q, k, v, block=args.block, basis=args.basis, causal=causal, scale=args.scale
+        ),
+    }
+
+
+def _inputs(kind, n, d, dtype, rng):
+    if kind == "uniform":  # bounded entries, where the polynomial method applies (MATH §2)
+        return [rng.uniform(-1, 1, (n, d)).astype(dtype) for _ in range(3)]
+    return [rng.standard_normal((n, d)).astype(dtype) for _ in range(3)]
+
+
+def report(args, file=sys.stdout, progress=sys.stderr):
+    """Accuracy and speed of each method against the blocked dense reference."""
+    runners = _method_runners(args)
+    methods = list(runners) if "all" in args.method else args.method
+    rng = np.random.default_rng(args.seed)
+    header = (
+        f"{'method':<10} {'n':>8} {'d':>4} {'time [s]':>10} {'dense [s]':>10} "
+        f"{'speed-up':>9} {'max error':>10} {'rel. error':>10}"
+    )
+    print(header, file=file)
+    print("-" * len(header), file=file)
+    rows = []
+    for n in args.n:
+        q, k, v = _inputs(args.inputs, n, args.d, args.dtype, rng)
+        _progress(progress, f"dense reference at n = {n}")
+        exact, dense_sec = _timed_once(
+            lambda q=q, k=k, v=v: reference.attention(
+                *(a.astype(np.float64) for a in (q, k, v)),
+                causal=not args.bidirectional,
+                scale=args.scale,
+                block=512,
+            )
+        )
+        dense_sec = _timed_once(lambda q=q, k=k, v=v: runners["dense"](q, k, v))[1]
+        for method in methods:
+            _progress(progress, f"{method} at n = {n}")
+            try:
+                out, sec = _timed_once(lambda m=method, q=q, k=k, v=v: runners[m](q, k, v))
+            except ValueError as exc:  # e.g. a rank over --max-rank: say so, keep going
+                _progress(progress, None)
+                print(f"{method:<10} {n:>8} {args.d:>4}  refused: {exc}", file=file, flush=True)
+                continue
+            err = float(np.abs(out - exact).max())
+            rel = err / float(np.abs(exact).max())
+            rows.append((method, n, sec, dense_sec, err))
+            _progress(progress, None)
+            print(
+                f"{method:<10} {n:>8} {args.d:>4} {sec:>10.4f} {dense_sec:>10.4f} "
+                f"{dense_sec / sec:>9.1f} {err:>10.2e} {rel:>10.2e}",
+                file=file,
+                flush=True,
+            )
+    _progress(progress, None)
+    if args.plot:
+        _plot(rows, args.plot)
+        print(f"plot saved to {args.plot}", file=file)
+    return rows
+
+
+def _timed_once(func):
+    start = time.perf_counter()
+    out = func()
+    return out, time.perf_counter() - start
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: python3 -m pip install matplotlib") from None
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == method]
+        ax_t.loglog([r[1] for r in mine], [r[2] for r in mine], "o-", label=method)
+        ax_e.loglog([r[1] for r in mine], [max(r[4], 1e-17) for r in mine], "o-", label=method)
+    dense = {r[1]: r[3] for r in rows}
+    ax_t.loglog(list(dense), list(dense.values()), "k--", label="dense reference")
+    ax_t.set(xlabel="n", ylabel="time [s]", title="time against n")
+    ax_e.set(xlabel="n", ylabel="max |error| vs float64 dense", title="accuracy")
+    for ax in (ax_t, ax_e):
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -100,9 +220,38 @@ def main(argv=None):
     p_demo.add_argument("--n", type=int, default=2048, help="sequence length (default 2048)")
     p_demo.add_argument("--d", type=int, default=64, help="head dimension (default 64)")
     p_demo.add_argument("--seed", type=int, default=0)
+
+    p_rep = sub.add_parser("report", help="accuracy/speed table for your own sizes")
+    p_rep.add_argument("--n", type=int, nargs="+", default=[4096], help="sequence lengths")
+    p_rep.add_argument("--d", type=int, default=8, help="head dimension (default 8)")
+    p_rep.add_argument(
+        "--method",
+        nargs="+",
+        default=["all"],
+        choices=["all", "dense", "lowrank", "conv", "multipole"],
+    )
+    p_rep.add_argument("--bidirectional", action="store_true", help="no causal mask")
+    p_rep.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p_rep.add_argument(
+        "--inputs",
+        default="uniform",
+        choices=["uniform", "gaussian"],
+        help="entries uniform in [-1, 1] (default) or standard normal",
+    )
+    p_rep.add_argument("--scale", type=float, default=None, help="logit scale (1/sqrt(d))")
+    p_rep.add_argument("--eps", type=float, default=1e-3, help="lowrank: exp accuracy")
+    p_rep.add_argument("--max-rank", type=int, default=20000, help="lowrank: rank cap")
+    p_rep.add_argument("--rank", type=int, default=16, help="conv: basis size k")
+    p_rep.add_argument("--block", type=int, default=64, help="multipole: block size")
+    p_rep.add_argument("--basis", type=int, default=4, help="multipole: tokens per box")
+    p_rep.add_argument("--seed", type=int, default=0)
+    p_rep.add_argument("--plot", metavar="FILE", help="save time/error plots (matplotlib)")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.n, args.d, args.seed)
+    else:
+        report(args)
     return 0
 
 

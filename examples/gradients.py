@@ -1,0 +1,23 @@
+"""All gradients of one self-attention layer, dense and through the low-rank operator.
+
+Run: python examples/gradients.py [n]
+"""
+
+import sys
+
+import numpy as np
+
+import convbasis as cb
+
+n = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+d_model = d_head = 4
+rng = np.random.default_rng(0)
+x = rng.uniform(-1, 1, (n, d_model))
+w_q, w_k, w_v = (rng.uniform(-1, 1, (d_model, d_head)) / 2 for _ in range(3))
+g = rng.standard_normal((n, d_head))
+
+dense = cb.self_attention_gradients(x, w_q, w_k, w_v, g)
+fast = cb.self_attention_gradients(x, w_q, w_k, w_v, g, method="lowrank", eps=1e-4)
+for i, (a, b) in enumerate(zip(fast.terms, dense.terms, strict=True), 1):
+    print(f"T{i}: relative error {np.abs(a - b).max() / np.abs(b).max():.1e}")
+print(f"dW_V: relative error {np.abs(fast.dw_v - dense.dw_v).max() / np.abs(dense.dw_v).max():.1e}")
