@@ -7,6 +7,17 @@ is the operator-based version that takes ``method=``.
 """
 
 from .causal import face_splitting_product, masked_hadamard_matmul, masked_lowrank_matmul
+from .conv import (
+    ConvAttentionOperator,
+    ConvBasis,
+    conv_attention,
+    conv_matmul,
+    conv_operator,
+    conv_rmatmul,
+    decompose,
+    fit,
+    recover_conv_basis,
+)
 from .gradients import attention_gradients, self_attention_gradients
 from .multipole import (
     MultipoleAttentionOperator,
@@ -38,6 +49,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionOperator",
+    "ConvAttentionOperator",
+    "ConvBasis",
     "DenseAttentionOperator",
     "ExpApproximationError",
     "LowRankAttentionOperator",
@@ -51,10 +64,16 @@ __all__ = [
     "attention_operator",
     "attention_weights",
     "chebyshev_coefficients",
+    "conv_attention",
+    "conv_matmul",
+    "conv_operator",
+    "conv_rmatmul",
+    "decompose",
     "degree_for",
     "exp_approximation_error",
     "exp_coefficients",
     "face_splitting_product",
+    "fit",
     "lowrank_attention",
     "lowrank_factors",
     "lowrank_operator",
@@ -66,6 +85,7 @@ __all__ = [
     "multipole_reference",
     "multipole_weights",
     "rank_for",
+    "recover_conv_basis",
     "self_attention_gradients",
     "taylor_coefficients",
 ]
