@@ -16,8 +16,11 @@ import numpy as np
 
 from . import reference
 from .causal import masked_hadamard_matmul, masked_lowrank_matmul
+from .conv import conv_attention
+from .gradients import attention_gradients
 from .multipole import multipole_attention
 from .polynomial import lowrank_attention
+from .testing import rotary_conv_instance
 
 
 def _timed(func):
@@ -74,6 +77,33 @@ def _rows(n, d, rng):
     out, sec = _timed(lambda: lowrank_attention(q_p, k_p, v_p, eps=1e-3, scale=1 / 8))
     yield "polynomial low-rank attention (eps 1e-3)", n, 8, _rel(out, exact), sec
 
+    # k-conv basis: an exact 16-segment instance (rotary positions, segment-wise key content).
+    starts = tuple(int(j) for j in np.linspace(0, n, 17)[:-1])
+    q_c, k_c, v_c, _ = rotary_conv_instance(rng, n, d, starts, logit_scale=4.0)
+    exact = reference.attention(q_c, k_c, v_c)
+    q_c, k_c, v_c = (a.astype(np.float32) for a in (q_c, k_c, v_c))
+    out, sec = _timed(lambda: conv_attention(q_c, k_c, v_c, rank=16))
+    yield "k-conv basis attention (exact instance, rank 16)", n, d, _rel(out, exact), sec
+
+    # Fast gradients through the conv-basis and low-rank operators (MATH §3); their cost grows
+    # as d², so they run at head dimension 16 (conv) and 8 (low-rank).
+    q_c, k_c, v_c, _ = rotary_conv_instance(rng, n, 16, starts, logit_scale=4.0)
+    g_c = rng.standard_normal((n, 16))
+    explicit = reference.attention_backward(q_c, k_c, v_c, g_c)
+    q_c, k_c, v_c, g_c = (a.astype(np.float32) for a in (q_c, k_c, v_c, g_c))
+    grads, sec = _timed(lambda: attention_gradients(q_c, k_c, v_c, g_c, method="conv", rank=16))
+    err = max(_rel(a, b) for a, b in zip(grads, explicit, strict=True))
+    yield "conv-basis gradients (dq, dk, dv), rank 16", n, 16, err, sec
+    g_p = g[:, :8]
+    explicit = reference.attention_backward(
+        *(a.astype(np.float64) for a in (q_p, k_p, v_p, g_p)), scale=1 / 8
+    )
+    grads, sec = _timed(
+        lambda: attention_gradients(q_p, k_p, v_p, g_p, method="lowrank", eps=1e-3, scale=1 / 8)
+    )
+    err = max(_rel(a, b) for a, b in zip(grads, explicit, strict=True))
+    yield "low-rank gradients (dq, dk, dv), eps 1e-3", n, 8, err, sec
+
     # FMA on attention with a decaying relative-position bias −(i − j)/8 (one extra
     # coordinate of q and k), where attention is mostly local and FMA is accurate.
     q_b = np.concatenate([q64, np.ones((n, 1))], axis=1)
@@ -110,8 +140,6 @@ def _progress(stream, message):
 
 def _method_runners(args):
     """Forward-attention callables by method name, configured from the command line."""
-    from .conv import conv_attention
-
     causal = not args.bidirectional
     return {
         "dense": lambda q, k, v: reference.attention(q, k, v, causal=causal, block=512),
