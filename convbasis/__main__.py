@@ -114,8 +114,13 @@ def _rows(n, d, rng):
     yield "fast multipole attention (decaying bias, block 64)", n, d, _rel(out, exact), sec
 
 
-def demo(n=2048, d=64, seed=0, file=sys.stdout, progress=sys.stderr):
-    """Print the demo table (float32 inputs, errors against float64 explicit results)."""
+def demo(n=2048, d=64, seed=0, file=None, progress=None):
+    """Print the demo table (float32 inputs, errors against float64 explicit results).
+
+    ``file`` defaults to standard output; ``progress`` (a progress line) to standard error.
+    """
+    file = sys.stdout if file is None else file
+    progress = sys.stderr if progress is None else progress
     rng = np.random.default_rng(seed)
     header = f"{'algorithm':<52} {'n':>7} {'d':>4} {'rel. error':>11} {'time [s]':>9}"
     print(header, file=file)
@@ -161,8 +166,10 @@ def _inputs(kind, n, d, dtype, rng):
     return [rng.standard_normal((n, d)).astype(dtype) for _ in range(3)]
 
 
-def report(args, file=sys.stdout, progress=sys.stderr):
+def report(args, file=None, progress=None):
     """Accuracy and speed of each method against the blocked dense reference."""
+    file = sys.stdout if file is None else file
+    progress = sys.stderr if progress is None else progress
     runners = _method_runners(args)
     methods = list(runners) if "all" in args.method else args.method
     rng = np.random.default_rng(args.seed)

@@ -23,6 +23,7 @@ exactly from the basis with their own row maximum, so the result never contains 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -93,6 +94,18 @@ def _column_blocks(xp, plan, zt, spectra):
     return [(c, min(c + rows, p)) for c in range(0, p, rows)]
 
 
+def _filter(xp, spec, x, size):
+    """``irfft(spec · rfft(x, size), size)``.  The product goes into ``rfft``'s own output
+    when broadcasting does not grow it: one large temporary less per segment (fresh pages
+    cost more than the multiply itself)."""
+    f = rfft(x, size, -1, xp)
+    if f.dtype == spec.dtype and f.shape == xp.broadcast_shapes(f.shape, spec.shape):
+        f *= spec
+    else:
+        f = f * spec
+    return irfft(f, size, -1, xp)
+
+
 def _segment_matmul(xp, plan, spectra, zt, n):
     """``H Z`` in the transposed layout: ``zt (..., p, n)`` -> ``(..., p, n)``.
 
@@ -103,7 +116,7 @@ def _segment_matmul(xp, plan, spectra, zt, n):
     for lo, hi in _column_blocks(xp, plan, zt, spectra):
         out = None
         for (s, e, m, size), spec in zip(plan, spectra, strict=True):
-            y = irfft(spec * rfft(zt[..., lo:hi, s:e], size, -1, xp), size, -1, xp)[..., :m]
+            y = _filter(xp, spec, zt[..., lo:hi, s:e], size)[..., :m]
             if out is None and s == 0:
                 out = y  # the first segment covers every row: no zero fill needed
                 continue
@@ -126,7 +139,7 @@ def _segment_rmatmul(xp, plan, spectra, zt, n):
     for lo, hi in _column_blocks(xp, plan, zt, spectra):
         pieces = []
         for (s, e, _, size), spec in zip(plan, conj, strict=True):
-            y = irfft(spec * rfft(zt[..., lo:hi, s:], size, -1, xp), size, -1, xp)
+            y = _filter(xp, spec, zt[..., lo:hi, s:], size)
             pieces.append(y[..., : e - s])
         shape = xp.broadcast_shapes(*(p.shape[:-1] for p in pieces))
         pieces = [xp.broadcast_to(p, (*shape, p.shape[-1])) for p in pieces]
@@ -149,8 +162,28 @@ def _segment_index(starts, n, xp, dev):
     return xp.asarray(ids, dtype=xp.int64, device=dev)
 
 
+def _check_integer(value, name, low, high=None):
+    """``value`` as an ``int`` in ``[low, high]``: Python or NumPy-style integers, not bool."""
+    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, n = {high}]"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {expected}, got {value!r}") from None
+    if number < low or (high is not None and number > high):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return number
+
+
 def _check_starts(starts, n):
-    starts = tuple(int(s) for s in starts)
+    n = _check_integer(n, "n", 1)
+    try:
+        if any(isinstance(s, bool) for s in starts):
+            raise TypeError
+        starts = tuple(operator.index(s) for s in starts)
+    except TypeError:
+        raise ValueError(f"starts must be integers, got {starts!r}") from None
     if not starts or starts[0] != 0:
         raise ValueError(f"starts must begin with 0, got {starts}")
     if any(starts[i + 1] <= starts[i] for i in range(len(starts) - 1)) or starts[-1] >= n:
@@ -192,6 +225,7 @@ class ConvBasis:
     n: int
 
     def __post_init__(self):
+        object.__setattr__(self, "n", _check_integer(self.n, "n", 1))
         object.__setattr__(self, "starts", _check_starts(self.starts, self.n))
         if self.vectors.ndim < 2 or self.vectors.shape[-2:] != (len(self.starts), self.n):
             raise ValueError(
@@ -250,21 +284,27 @@ class ConvBasis:
         if z.shape[-2] != self.n:
             raise ValueError(f"z must have shape (..., n, p) with n = {self.n}, got {z.shape}")
         (z,) = as_floating(xp, (z,), ("z",))
-        if z.dtype != self.vectors.dtype:
-            z = xp.astype(z, xp.result_type(z, self.vectors))
-        return xp, z
+        if z.dtype == self.vectors.dtype:
+            return xp, z, self._spectra
+        # A wider z: the vectors' spectra must be taken in the wider dtype too, or the
+        # product carries the narrow dtype's FFT round-off.
+        dtype = xp.result_type(z, self.vectors)
+        spectra = self._spectra
+        if dtype != self.vectors.dtype:
+            spectra = _spectra(xp, xp.astype(self.vectors, dtype), self._plan)
+        return xp, xp.astype(z, dtype), spectra
 
     def matmul(self, z):
         """``H Z`` for ``z (..., n, p)``, by FFT in ``O(k n p log n)``."""
-        xp, z = self._check_z(z)
+        xp, z, spectra = self._check_z(z)
         zt = xp.matrix_transpose(z)
-        return xp.matrix_transpose(_segment_matmul(xp, self._plan, self._spectra, zt, self.n))
+        return xp.matrix_transpose(_segment_matmul(xp, self._plan, spectra, zt, self.n))
 
     def rmatmul(self, z):
         """``Hᵀ Z`` for ``z (..., n, p)``, by FFT in ``O(k n p log n)``."""
-        xp, z = self._check_z(z)
+        xp, z, spectra = self._check_z(z)
         zt = xp.matrix_transpose(z)
-        return xp.matrix_transpose(_segment_rmatmul(xp, self._plan, self._spectra, zt, self.n))
+        return xp.matrix_transpose(_segment_rmatmul(xp, self._plan, spectra, zt, self.n))
 
     def max(self):
         """The largest entry of ``H`` on the lower triangle, per batch element ``(...)``."""
@@ -311,8 +351,13 @@ def _single(a, z, m):
     if n == 0:
         raise ValueError("a must be non-empty (n >= 1)")
     m = n if m is None else m
-    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
-        raise ValueError(f"m must be an integer in [1, n = {n}], got {m!r}")
+    m = _check_integer(m, "m", 1, n)
+    try:
+        xp.broadcast_shapes(a.shape[:-1], z.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"leading (batch) axes of a {a.shape} and z {z.shape} must broadcast"
+        ) from None
     plan = ((n - m, n, m, fast_length(2 * m - 1)),)
     spectra = _spectra(xp, a[..., None, :], plan)
     return xp, plan, spectra, xp.matrix_transpose(z), n
@@ -477,16 +522,13 @@ def fit(h, k, /):
 
 
 def _check_rank(rank, name="rank"):
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {rank!r}")
-    return rank
+    return _check_integer(rank, name, 1)
 
 
 def _recovery_options(xp, q, k, rank, probe, delta, eps, scale):
     n, d = q.shape[-2], q.shape[-1]
     rank = _check_rank(rank)
-    if isinstance(probe, bool) or not isinstance(probe, int) or not 1 <= probe <= n:
-        raise ValueError(f"probe must be an integer in [1, n = {n}], got {probe!r}")
+    probe = _check_integer(probe, "probe", 1, n)
     eps = float(eps)
     if not eps >= 0.0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
@@ -548,7 +590,8 @@ def _recover(xp, q, k, scale, rank, probe, delta, eps):
 
 
 def _validate_qk(q, k, causal):
-    xp, q, k, _ = validate_attention_inputs(q, k, k, causal=causal)
+    # Both directions need n == m: the same message for both (not "causal attention ...").
+    xp, q, k, _ = validate_attention_inputs(q, k, k, causal=False)
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(
             "the k-conv basis needs as many queries as keys, got "
@@ -600,7 +643,7 @@ def recover_conv_basis(q, k, /, *, rank, probe=1, delta=None, eps=0.0, scale=Non
     ConvBasis, or a tuple of two when ``causal=False``
         ``O(rank (n d + T d log n))`` time, ``O(rank · n)`` memory.
     """
-    xp, q, k = _validate_qk(q, k, causal=True)
+    xp, q, k = _validate_qk(q, k, causal)
     rank, probe, delta, eps, scale = _recovery_options(xp, q, k, rank, probe, delta, eps, scale)
     n = q.shape[-2]
     lower = ConvBasis(*_recover(xp, q, k, scale, rank, probe, delta, eps), n)
@@ -653,7 +696,8 @@ class ConvAttentionOperator:
         ``D = C · 1`` (rows recomputed exactly where the FFT could not resolve them).
     recomputed_rows : tuple of int
         Rows whose products are computed exactly from the basis with their own maximum
-        (``O(n d)`` each), because ``noise / D_r`` exceeded the tolerance in some batch element.
+        (``O(n d)`` each), because ``noise / D_r`` exceeded ``min(tolerance, 1)`` (or ``D_r``
+        was not finite) in some batch element.
     tolerance : float
         The relative-error tolerance used to select those rows.
     noise : array ``(...)``
@@ -752,9 +796,13 @@ class ConvAttentionOperator:
         xp = self._xp
         dev = device(self.normaliser)
         keep = xp.ones((self.n,), dtype=dtype, device=dev)
-        if self.recomputed_rows:
-            rows = xp.asarray(self.recomputed_rows, device=dev)
-            keep = xpx.at(keep)[rows].set(0.0)
+        # Slice updates per contiguous run: integer-array assignment is not in the standard
+        # (array-api-strict refuses it).
+        rows, first = self.recomputed_rows, 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                keep = xpx.at(keep)[rows[first] : rows[i - 1] + 1].set(0.0)
+                first = i
         return keep
 
     def _check(self, z, name):
@@ -920,8 +968,10 @@ def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=N
     if upper_exp is not None:
         bases.append((upper_exp, "suffix"))
     noise = _noise_floor(xp, bases, q.dtype)[..., None]
-    # Under-resolved rows: predicted relative error above tolerance, or D not positive/finite.
-    bad = ~(normaliser * tolerance > noise) | ~xp.isfinite(normaliser)
+    # Under-resolved rows: predicted relative error noise / D above min(tolerance, 1) (a D
+    # within the noise floor is not resolved at all, whatever the tolerance: its row could
+    # come out arbitrarily large), or D not finite.  min(tolerance, 1) is finite: no 0 · inf.
+    bad = ~(normaliser * min(tolerance, 1.0) > noise) | ~xp.isfinite(normaliser)
     if bad.ndim > 1:
         bad = xp.any(xp.reshape(bad, (-1, n)), axis=0)
     rows = ()
@@ -963,10 +1013,13 @@ def _replace_normaliser(xp, op, ones):
 def _tolerance(xp, dtype, tolerance):
     if tolerance is None:
         return float(xp.finfo(dtype).eps) ** 0.5
-    tolerance = float(tolerance)
+    try:
+        tolerance = float(tolerance)
+    except (TypeError, ValueError):
+        raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}") from None
     if not tolerance > 0:
         raise ValueError(
-            f"tolerance must be > 0 (math.inf disables recomputation), got {tolerance}"
+            f"tolerance must be > 0 (math.inf: recompute only unresolved rows), got {tolerance}"
         )
     return tolerance
 
@@ -981,8 +1034,10 @@ def conv_operator(q, k, /, *, rank, causal=True, probe=1, delta=None, scale=None
         As in :func:`recover_conv_basis` (``eps = 0``).
     tolerance : float, optional
         Rows whose predicted relative FFT error ``noise / D_r`` exceeds this are recomputed
-        exactly; default ``sqrt(eps_dtype)``.  ``math.inf`` recomputes only rows whose
-        normaliser is not positive and finite (so never NaN/inf).
+        exactly; default ``sqrt(eps_dtype)``.  Rows with ``D_r <= noise`` (not resolved at
+        all) or a non-finite ``D_r`` are always recomputed, so ``math.inf`` (or any value
+        ``>= 1``) recomputes only those: never NaN/inf, and every kept row has relative
+        error below about 2.
 
     Returns
     -------
@@ -1007,8 +1062,8 @@ def conv_attention(
     segments.
 
     Rows whose normaliser is under-resolved by the FFT (predicted relative error above
-    ``tolerance``, default ``sqrt(eps_dtype)``, or ``D_r <= 0``) are recomputed exactly from the
-    basis with their own row maximum (``O(n d)`` each), so no NaN or inf is ever returned
+    ``tolerance``, default ``sqrt(eps_dtype)``, or ``D_r <= noise``) are recomputed exactly
+    from the basis with their own row maximum (``O(n d)`` each), so no NaN or inf is ever returned
     and large logits (``1e4`` in float32) give correct attention.
 
     Parameters
@@ -1029,7 +1084,7 @@ def conv_attention(
         ``O(rank (n (d + e) log n))`` time, ``O(n (e + rank))`` memory beyond the inputs,
         plus ``O(n (d + e))`` per recomputed row.
     """
-    xp, q, k, v = validate_attention_inputs(q, k, v, causal=causal)
+    xp, q, k, v = validate_attention_inputs(q, k, v, causal=False)
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(
             "the k-conv basis needs as many queries as keys, got "

@@ -16,8 +16,8 @@ def to_numpy(x):
     """A NumPy copy of ``x`` from any supported library (CuPy copies to the host)."""
     if array_api_compat.is_cupy_array(x):
         return x.get()
-    if isinstance(x, np.ndarray):
-        return x
+    if isinstance(x, (np.ndarray, np.generic)):  # NumPy reductions may return scalars
+        return np.asarray(x)
     return np.from_dlpack(x)
 
 
