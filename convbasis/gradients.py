@@ -62,7 +62,10 @@ def attention_gradients(
     s = resolve_scale(scale, q.shape[-1])
     op = attention_operator(q, k, method=method, causal=causal, scale=s, **method_options)
     delta = _delta(xp, op, v, g)
-    dq = s * (op.hadamard_matmul(g, v, k) - delta * op.matmul(k))
+    # P has zero row sums (f 1 = 1, (f ∘ G Vᵀ) 1 = δ): P K = P (K − 1 μᵀ), and the centred keys
+    # avoid cancellation between the two products when K has a large common component.
+    kc = k - xp.mean(k, axis=-2, keepdims=True)
+    dq = s * (op.hadamard_matmul(g, v, kc) - delta * op.matmul(kc))
     dk = s * (op.hadamard_rmatmul(g, v, q) - op.rmatmul(delta * q))
     dv = op.rmatmul(g)
     return (
@@ -108,18 +111,24 @@ def self_attention_gradients(
     batch = xp.broadcast_shapes(q.shape[:-2], y.shape[:-2], g.shape[:-2])
     xb = xp.broadcast_to(x, (*batch, *x.shape[-2:]))
     w = w_q @ mT(w_k)
-    fgy_x = op.hadamard_matmul(g, y, xb)  # (f ∘ G Yᵀ) X
-    f_x = op.matmul(xb)  # f X
+    # P = f ∘ G Yᵀ − diag(δ) f has zero row sums (f 1 = 1, (f ∘ G Yᵀ) 1 = δ), so P X = P X_c
+    # with X_c = X − 1 μᵀ: the products on the centred X_c avoid the cancellation a large
+    # common component of X causes in (f ∘ G Yᵀ) X − δ f X; (f ∘ G Yᵀ) X = (f ∘ G Yᵀ) X_c + δ μᵀ
+    # and f X = f X_c + 1 μᵀ recover T1 and T2 at no extra product.
+    mu = xp.mean(xb, axis=-2, keepdims=True)
+    xc = xb - mu
+    fgy_xc = op.hadamard_matmul(g, y, xc)  # (f ∘ G Yᵀ) X_c
+    f_xc = op.matmul(xc)  # f X_c
     f_v = op.rmatmul(g)  # fᵀ G
     terms = (
-        s * (fgy_x @ mT(w)),
-        -s * ((delta * f_x) @ mT(w)),
+        s * ((fgy_xc + delta * mu) @ mT(w)),
+        -s * ((delta * (f_xc + mu)) @ mT(w)),
         s * (op.hadamard_rmatmul(g, y, xb) @ w),
         -s * (op.rmatmul(delta * xb) @ w),
         f_v @ mT(w_v),
     )
     dx = terms[0] + terms[1] + terms[2] + terms[3] + terms[4]
-    dw = s * (mT(xb) @ (fgy_x - delta * f_x))
+    dw = s * (mT(xb) @ (fgy_xc - delta * f_xc))
     return SelfAttentionGradients(
         terms=tuple(sum_to_shape(xp, t, x.shape) for t in terms),
         dx=sum_to_shape(xp, dx, x.shape),

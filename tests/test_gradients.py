@@ -8,7 +8,13 @@ import pytest
 from convbasis import reference
 from convbasis.gradients import attention_gradients, self_attention_gradients
 from convbasis.operators import AttentionOperator, attention_operator
-from convbasis.testing import assert_close, to_numpy
+from convbasis.testing import (
+    alibi_conv_instance,
+    assert_close,
+    assert_within_reference_error,
+    rotary_conv_instance,
+    to_numpy,
+)
 
 FIELDS = ("dx", "dw", "dw_q", "dw_k", "dw_v")
 
@@ -118,31 +124,184 @@ def test_lowrank_gradients_within_propagated_bound(xp, rng, causal, dtype):
         assert errors[1] < errors[0] / 10  # shrinks with eps
 
 
+def _outputs(res):
+    return [*res.terms, *(getattr(res, name) for name in FIELDS)]
+
+
 @pytest.mark.parametrize("causal", [True, False])
-def test_lowrank_self_attention_terms_shrink_with_eps(xp, rng, causal):
-    x, w_q, w_k, w_v, g = _layer(rng, heads=(2,), n=24, d_model=3, d_head=3)
-    ref = reference.self_attention_gradients(x, w_q, w_k, w_v, g, causal=causal)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_lowrank_self_attention_terms_shrink_with_eps(xp, rng, causal, dtype):
+    """Each of T1..T5, dx, dw, dw_q, dw_k, dw_v, per head, in both dtypes."""
+    layer = [a.astype(dtype) for a in _layer(rng, heads=(2,), n=24, d_model=3, d_head=3)]
+    golden = _outputs(
+        reference.self_attention_gradients(*(a.astype(np.float64) for a in layer), causal=causal)
+    )
+    arrays = [xp.asarray(a) for a in layer]
+    baseline = _outputs(reference.self_attention_gradients(*arrays, causal=causal))
+    # Round-off allowance: 4x the dense computation's own (relative) error in this dtype.
+    allowance = [
+        4 * np.abs(to_numpy(b) - gold).max() / np.abs(gold).max()
+        for b, gold in zip(baseline, golden, strict=True)
+    ]
     previous = None
-    for eps in (1e-2, 1e-4, 1e-6):
-        fast = self_attention_gradients(
-            *(xp.asarray(a) for a in (x, w_q, w_k, w_v, g)),
-            method="lowrank",
-            eps=eps,
-            causal=causal,
-        )
-        errs = [
-            np.abs(to_numpy(a) - b).max() / np.abs(b).max()
-            for a, b in zip(fast.terms, ref.terms, strict=True)
-        ]
-        errs += [
-            np.abs(to_numpy(getattr(fast, n)) - getattr(ref, n)).max()
-            / np.abs(getattr(ref, n)).max()
-            for n in FIELDS
-        ]
+    for eps in (1e-2, 1e-4, 1e-6) if dtype == "float64" else (1e-2, 1e-4):
+        fast = _outputs(self_attention_gradients(*arrays, method="lowrank", eps=eps, causal=causal))
+        errs = []
+        for a, gold in zip(fast, golden, strict=True):
+            assert a.dtype == getattr(xp, dtype)
+            errs.append(np.abs(to_numpy(a) - gold).max() / np.abs(gold).max())
         # Envelope, relative to each output's largest entry; the rigorous entrywise bound is
         # checked for (dq, dk, dv) above, and every output here is linear in those.
         eta = 2 * eps / (1 - eps)
-        assert max(errs) <= 8 * eta
-        if previous is not None:
+        for name, err, extra in zip(
+            [f"T{i}" for i in range(1, 6)] + list(FIELDS), errs, allowance, strict=True
+        ):
+            assert err <= 8 * eta + extra, f"{name}: {err:.2e} > {8 * eta:.2e} + {extra:.2e}"
+        if previous is not None and dtype == "float64":  # float32 reaches round-off first
             assert max(errs) < max(previous) / 10
         previous = errs
+
+
+# --- k-conv basis method: exact instances give the dense gradients to round-off -------------
+
+# FlashAttention-style check (tests/ARCHITECTURE): the error of the fast path in dtype τ against
+# an extended-precision golden is at most CONV_FACTOR times the dense reference's own error in
+# τ (+ 8 eps max|golden|, see ``assert_within_reference_error``).  The operator is asked for
+# round-off accuracy: rows whose predicted relative FFT error exceeds CONV_TOLERANCE · eps are
+# recomputed exactly (the FFT's error is absolute, so rows with little attention mass would
+# otherwise carry up to ``sqrt(eps)`` relative error by design; MATH.md §4).
+CONV_FACTOR = 5.0
+CONV_TOLERANCE = 16
+CONV_KINDS = ("rotary", "alibi", "generic")
+GOLDEN = np.longdouble
+
+needs_longdouble = pytest.mark.skipif(
+    np.finfo(np.longdouble).eps > 1e-18, reason="needs an extended-precision long double golden"
+)
+
+
+def _conv_instance(rng, kind, causal, n=64, d=4, heads=2):
+    """Exact k-conv logits ``s Q Kᵀ`` (default scale) for every head, with shared starts.
+
+    A multi-segment rotary or ALiBi instance is exact only for causal logits; bidirectional
+    ones use one segment (both ``Q Kᵀ`` and ``K Qᵀ`` then depend on ``i - j`` only), and
+    ``generic`` random ``q, k`` with ``rank = n`` start a segment at every column.
+    Returns float64 ``q, k (heads, n, d)``, the expected starts and ``n``.
+    """
+    if kind == "generic":
+        n = 24
+        q, k = rng.standard_normal((2, heads, n, d))
+        return q, k, tuple(range(n)), n
+    qs, ks = [], []
+    for _ in range(heads):
+        if kind == "rotary":
+            starts = (0, 13, 30, 51) if causal else (0,)
+            q, k, _, starts = rotary_conv_instance(rng, n, d, starts)
+        else:
+            starts = (0, 21, 44) if causal else (0,)
+            biases = rng.uniform(-1, 1, len(starts)) if causal else None
+            q, k, _, starts = alibi_conv_instance(
+                rng, n, d, slope=0.05, starts=starts, biases=biases
+            )
+        qs.append(q)
+        ks.append(k)
+    return np.stack(qs), np.stack(ks), starts, n
+
+
+def _conv_options(dtype):
+    return {"tolerance": CONV_TOLERANCE * float(np.finfo(dtype).eps)}
+
+
+@needs_longdouble
+@pytest.mark.parametrize("kind", CONV_KINDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_conv_attention_gradients_exact_instances(xp, rng, kind, causal, dtype):
+    q, k, starts, n = _conv_instance(rng, kind, causal)
+    v, g = rng.standard_normal((2, 2, n, 3))
+    inputs = [a.astype(dtype) for a in (q, k, v, g)]
+    golden = reference.attention_backward(*(a.astype(GOLDEN) for a in inputs), causal=causal)
+    arrays = [xp.asarray(a) for a in inputs]
+    baseline = reference.attention_backward(*arrays, causal=causal)
+    op = attention_operator(
+        arrays[0], arrays[1], method="conv", rank=len(starts), causal=causal, **_conv_options(dtype)
+    )
+    assert op.lower.starts == starts  # the basis is the exact one, not a truncation
+    fast = attention_gradients(
+        *arrays, method="conv", rank=len(starts), causal=causal, **_conv_options(dtype)
+    )
+    for name, a, gold, base in zip(("dq", "dk", "dv"), fast, golden, baseline, strict=True):
+        assert_close(a, a, xp=xp, dtype=getattr(xp, dtype))
+        assert_within_reference_error(a, gold, base, factor=CONV_FACTOR, err_msg=name)
+
+
+def _conv_layer(rng, kind, causal, d_v=3):
+    """A self-attention layer whose logits ``s X W_Q (X W_K)ᵀ`` are an exact instance per head.
+
+    ``X = [Q_0, K_0, Q_1, K_1, R]`` (``R`` extra random features that only reach the values)
+    and ``W_Q[h]``, ``W_K[h]`` select head ``h``'s blocks, so ``X W_Q[h] = Q_h`` exactly.
+    """
+    q, k, starts, n = _conv_instance(rng, kind, causal)
+    heads, _, d = q.shape
+    extra = 2
+    x = np.concatenate(
+        [*(b for h in range(heads) for b in (q[h], k[h])), rng.standard_normal((n, extra))], axis=-1
+    )
+    d_model = x.shape[-1]
+    w_q = np.zeros((heads, d_model, d))
+    w_k = np.zeros((heads, d_model, d))
+    for h in range(heads):
+        w_q[h, 2 * h * d : (2 * h + 1) * d] = np.eye(d)
+        w_k[h, (2 * h + 1) * d : (2 * h + 2) * d] = np.eye(d)
+    w_v = rng.standard_normal((heads, d_model, d_v)) / np.sqrt(d_model)
+    g = rng.standard_normal((heads, n, d_v))
+    return (x, w_q, w_k, w_v, g), starts
+
+
+def _assert_all_outputs(fast, golden, baseline, factor):
+    for i, (a, gold, base) in enumerate(zip(fast.terms, golden.terms, baseline.terms, strict=True)):
+        assert_within_reference_error(a, gold, base, factor=factor, err_msg=f"T{i + 1}")
+    for name in FIELDS:
+        assert_within_reference_error(
+            getattr(fast, name),
+            getattr(golden, name),
+            getattr(baseline, name),
+            factor=factor,
+            err_msg=name,
+        )
+
+
+@needs_longdouble
+@pytest.mark.parametrize("kind", CONV_KINDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_conv_self_attention_gradients_exact_instances(xp, rng, kind, causal, dtype):
+    layer, starts = _conv_layer(rng, kind, causal)
+    inputs = [a.astype(dtype) for a in layer]
+    golden = reference.self_attention_gradients(*(a.astype(GOLDEN) for a in inputs), causal=causal)
+    arrays = [xp.asarray(a) for a in inputs]
+    baseline = reference.self_attention_gradients(*arrays, causal=causal)
+    fast = self_attention_gradients(
+        *arrays, method="conv", rank=len(starts), causal=causal, **_conv_options(dtype)
+    )
+    assert fast.dx.dtype == getattr(xp, dtype)
+    assert_close(fast.dw_v, fast.dw_v, xp=xp)
+    _assert_all_outputs(fast, golden, baseline, CONV_FACTOR)
+
+
+@needs_longdouble
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_conv_gradients_check_fails_on_a_truncated_basis(rng, dtype):
+    """The round-off check above is not vacuous: one segment short, it fails on every output."""
+    layer, starts = _conv_layer(rng, "rotary", True)
+    inputs = [a.astype(dtype) for a in layer]
+    golden = reference.self_attention_gradients(*(a.astype(GOLDEN) for a in inputs))
+    baseline = reference.self_attention_gradients(*inputs)
+    fast = self_attention_gradients(
+        *inputs, method="conv", rank=len(starts) - 1, **_conv_options(dtype)
+    )
+    outputs = [*zip(fast.terms, golden.terms, baseline.terms, strict=True)]
+    outputs += [(getattr(fast, n), getattr(golden, n), getattr(baseline, n)) for n in FIELDS]
+    for a, gold, base in outputs:
+        with pytest.raises(AssertionError, match="exceeds"):
+            assert_within_reference_error(a, gold, base, factor=CONV_FACTOR)
