@@ -9,12 +9,13 @@ accuracy/speed table of the attention methods for the caller's own sizes, and ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
 import numpy as np
 
-from . import reference
+from . import reference, transformer
 from .causal import masked_hadamard_matmul, masked_lowrank_matmul
 from .conv import conv_attention
 from .gradients import attention_gradients
@@ -103,6 +104,35 @@ def _rows(n, d, rng):
     )
     err = max(_rel(a, b) for a, b in zip(grads, explicit, strict=True))
     yield "low-rank gradients (dq, dk, dv), eps 1e-3", n, 8, err, sec
+
+    # One training step of a small transformer (MATH §5): 2 layers, 2 heads, d_model 32, conv-basis
+    # attention (rank 8): loss and every gradient by the fast backward, then one SGD step.  The
+    # error is the worst per-layer relative gradient error against the dense float64 backward.
+    # W_Q, W_K are shrunk so the logits are bounded; a random model has no exact 8-segment
+    # basis, so this is an approximation (a few percent).
+    params = transformer.init_params(32, layers=2, heads=2, xp=np, dtype=np.float32, seed=0)
+    params = dataclasses.replace(
+        params,
+        layers=tuple(
+            dataclasses.replace(p, w_q=0.2 * p.w_q, w_k=0.2 * p.w_k) for p in params.layers
+        ),
+    )
+    x_t, target = (rng.uniform(-1, 1, (n, 32)).astype(np.float32) for _ in range(2))
+    loss = transformer.squared_error_loss(target)
+
+    def step():
+        grads = transformer.loss_and_gradients(params, x_t, loss, attention="conv", rank=8)
+        return grads, params.map(lambda p, g: p - 1e-2 * g, grads.params)
+
+    (fast, _), sec = _timed(step)
+    exact = transformer.loss_and_gradients(
+        params.map(lambda a: a.astype(np.float64)),
+        x_t.astype(np.float64),
+        transformer.squared_error_loss(target.astype(np.float64)),
+    )
+    errors = transformer.gradient_errors(fast, exact)
+    err = max(*errors["layers"], errors["x"])
+    yield "transformer training step (2 layers, conv rank 8)", n, 32, err, sec
 
     # FMA on attention with a decaying relative-position bias −(i − j)/8 (one extra
     # coordinate of q and k), where attention is mostly local and FMA is accurate.
