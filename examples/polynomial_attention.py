@@ -24,5 +24,7 @@ t_fast = time.perf_counter() - start
 start = time.perf_counter()
 exact = cb.attention(q, k, v, scale=1 / d, block=1024)
 t_dense = time.perf_counter() - start
-print(f"max error {np.abs(fast - exact).max():.2e} (bound {2e-3 / (1 - 1e-3):.1e} x max|V|); "
-      f"{t_dense / t_fast:.1f}x faster than dense")
+print(
+    f"max error {np.abs(fast - exact).max():.2e} (bound {2e-3 / (1 - 1e-3):.1e} x max|V|); "
+    f"{t_dense / t_fast:.1f}x faster than dense"
+)
