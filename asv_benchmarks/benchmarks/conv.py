@@ -34,7 +34,7 @@ from convbasis.conv import conv_attention, decompose, recover_conv_basis
 from convbasis.reference import attention
 from convbasis.testing import rotary_conv_instance
 
-from .common import BACKENDS, best_time, namespace, traced_peak, uniform
+from .common import BACKENDS, best_time, exact_last_rows, namespace, traced_peak, uniform
 
 D = 64
 RANK = 16
@@ -59,17 +59,6 @@ def fast_attention(q, k, v):
 
 def dense_attention(q, k, v):
     return attention(q, k, v, causal=True, block=DENSE_BLOCK)
-
-
-def exact_last_rows(q, k, v, rows=256):
-    """Causal attention of the last ``rows`` queries in float64 (NumPy), the golden result."""
-    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
-    n = q.shape[0]
-    logits = (q[-rows:] @ k.T) / math.sqrt(q.shape[1])
-    mask = np.arange(n)[None, :] <= np.arange(n - rows, n)[:, None]
-    logits = np.where(mask, logits, -np.inf)
-    w = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return (w / w.sum(axis=1, keepdims=True)) @ v
 
 
 def input_bytes(*arrays):
@@ -334,7 +323,7 @@ class CausalConvAttention:
     def track_max_error_last_rows(self, backend, n):
         """Max |conv − exact| over the last 256 rows, exact in float64."""
         out = np.asarray(self._fast())[-256:]
-        return _max_abs_diff(out, exact_last_rows(self.q, self.k, self.v))
+        return _max_abs_diff(out, exact_last_rows(self.q, self.k, self.v, rows=256))
 
     track_max_error_last_rows.unit = "absolute error"
 
@@ -375,7 +364,7 @@ class CausalConvAttentionVsDense:
     def track_dense_reference_error_vs_float64(self, backend, n):
         """The dense reference's own error on the last 256 rows (float64 golden), for scale."""
         out = np.asarray(dense_attention(self.q, self.k, self.v))[-256:]
-        return _max_abs_diff(out, exact_last_rows(self.q, self.k, self.v))
+        return _max_abs_diff(out, exact_last_rows(self.q, self.k, self.v, rows=256))
 
     track_dense_reference_error_vs_float64.unit = "absolute error"
 
@@ -477,7 +466,7 @@ def measure(sizes=(2**12, 2**13, 2**14, 2**15, 2**16, 2**17), repeat=3, dense_fu
     note = "measured in full" if m == n else f"measured at n={m}, scaled by (n/{m})^2"
     fast = best_time(lambda: fast_attention(q, k, v), repeat=repeat)
     error = _max_abs_diff(out[:m], dense_out)
-    golden = exact_last_rows(q, k, v)
+    golden = exact_last_rows(q, k, v, rows=256)
     conv_error = _max_abs_diff(out[-256:], golden)
     dense_error = _max_abs_diff(dense_out[-256:], golden) if m == n else float("nan")
     print(f"dense (block={DENSE_BLOCK}) at n={n}: {dense:.1f} s ({note}); conv {fast:.3f} s")

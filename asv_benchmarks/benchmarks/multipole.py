@@ -18,7 +18,7 @@ import numpy as np
 from convbasis.multipole import multipole_attention
 from convbasis.reference import attention
 
-from .common import BACKENDS, best_time, namespace, traced_peak, uniform
+from .common import BACKENDS, best_time, exact_last_rows, namespace, traced_peak, uniform
 
 D = 64
 BLOCK = 64
@@ -38,17 +38,6 @@ def _fast(q, k, v, causal=True):
 
 def _dense(q, k, v, causal=True):
     return attention(q, k, v, causal=causal, block=DENSE_BLOCK)
-
-
-def _exact_last_rows(q, k, v, rows=64):
-    """Exact causal attention of the last ``rows`` queries, in float64 (NumPy)."""
-    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
-    n = q.shape[0]
-    logits = (q[-rows:] @ k.T) / math.sqrt(q.shape[1])
-    mask = np.arange(n)[None, :] <= np.arange(n - rows, n)[:, None]
-    logits = np.where(mask, logits, -np.inf)
-    w = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return (w / w.sum(axis=1, keepdims=True)) @ v
 
 
 class MultipoleAttention:
@@ -95,7 +84,7 @@ class MultipoleAttention:
     def track_max_error_vs_exact(self, backend, n):
         """Max |FMA − exact| over the last 64 query rows (the ones with the most far field)."""
         out = np.asarray(_fast(self.q, self.k, self.v))[-64:]
-        exact = _exact_last_rows(*(np.asarray(a) for a in (self.q, self.k, self.v)))
+        exact = exact_last_rows(*(np.asarray(a) for a in (self.q, self.k, self.v)))
         return float(np.max(np.abs(out - exact)))
 
     track_max_error_vs_exact.unit = "abs"
@@ -141,7 +130,7 @@ def main(sizes=(2**12, 2**13, 2**14, 2**15, 2**16, 2**17), dense_full=False):
     note = "measured" if m == n else f"measured at n={m}, scaled by (n/{m})^2"
     print(f"dense (block={DENSE_BLOCK}) {dense:.2f} s at n={m}; at n={n}: {scaled:.1f} s ({note})")
     print(f"speedup at n={n}: {scaled / rows[-1][1]:.1f}x")
-    err = np.max(np.abs(np.asarray(_fast(q, k, v))[-64:] - _exact_last_rows(q, k, v)))
+    err = np.max(np.abs(np.asarray(_fast(q, k, v))[-64:] - exact_last_rows(q, k, v)))
     print(f"max |FMA - exact| over the last 64 rows at n={n}: {err:.3e}")
 
 
