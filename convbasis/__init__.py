@@ -10,6 +10,7 @@ from .causal import face_splitting_product, masked_hadamard_matmul, masked_lowra
 from .conv import (
     ConvAttentionOperator,
     ConvBasis,
+    ConvBasisWarning,
     conv_attention,
     conv_matmul,
     conv_operator,
@@ -51,6 +52,7 @@ __all__ = [
     "AttentionOperator",
     "ConvAttentionOperator",
     "ConvBasis",
+    "ConvBasisWarning",
     "DenseAttentionOperator",
     "ExpApproximationError",
     "LowRankAttentionOperator",

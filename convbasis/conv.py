@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 import operator
+import random
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -45,6 +47,7 @@ from ._array import (
 __all__ = [
     "ConvAttentionOperator",
     "ConvBasis",
+    "ConvBasisWarning",
     "conv_attention",
     "conv_matmul",
     "conv_operator",
@@ -58,6 +61,14 @@ __all__ = [
 _EXACT_BLOCK = 1 << 22
 # Complex spectrum entries per block of FFT rows (cache-sized work arrays).
 _FFT_BLOCK = 1 << 22
+# Logit entries sampled to check the recovered basis against s · Q Kᵀ (O(samples · d)).
+_RESIDUAL_SAMPLES = 512
+# Warn when the sampled residual ε allows an output error 2 (e^ε − 1) ‖V‖_∞ above this.
+_WARN_OUTPUT_ERROR = 1e-2
+
+
+class ConvBasisWarning(UserWarning):
+    """The recovered basis misses sampled logits: conv-basis attention is only approximate."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -737,6 +748,11 @@ class ConvAttentionOperator:
     noise : array ``(...)``
         Predicted absolute FFT error of ``C · 1`` (``u log2 N Σ_i ‖e_i‖₂ √L_i``): rows kept on the
         FFT path have relative error at most about ``2 noise / D_r`` (in units of ``‖Z‖_∞``).
+    logit_residual : float
+        ``ε̂ = max |basis − s · Q Kᵀ|`` over 512 sampled logits (all of them when ``n`` is
+        small): an estimate, from below, of how far the basis is from the true logits.  The
+        output error is about ``2 (e^ε − 1) ‖V‖_∞`` for the true ``ε``; building the operator
+        issues a :class:`ConvBasisWarning` when ``2 (e^ε̂ − 1) > 0.01``.
     """
 
     lower: ConvBasis
@@ -746,6 +762,7 @@ class ConvAttentionOperator:
     recomputed_rows: tuple[int, ...]
     tolerance: float
     noise: Any
+    logit_residual: float
     _lower_exp: ConvBasis = field(repr=False, compare=False)
     _upper_exp: ConvBasis | None = field(repr=False, compare=False)
 
@@ -966,6 +983,49 @@ def _exact_weights(xp, lower, upper, rows, width):
     return w / xp.sum(w, axis=-1, keepdims=True)
 
 
+def _sample_pairs(n, count):
+    """Deterministic pseudo-random pairs ``(a, b)``, ``a >= b``, of the lower triangle (all of
+    them when there are at most ``count``)."""
+    if n * (n + 1) // 2 <= count:
+        pairs = [(a, b) for a in range(n) for b in range(a + 1)]
+    else:
+        gen = random.Random(n)
+        pairs = [(a, gen.randrange(a + 1)) for a in (gen.randrange(n) for _ in range(count))]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def _logit_residual(xp, q, k, scale, lower, upper):
+    """``max |basis − s · Q Kᵀ|`` over sampled entries of the lower triangle (and of the
+    ``K Qᵀ`` basis when bidirectional): ``O(samples · d)``, no ``n × n`` array."""
+    n, dev = lower.n, device(q)
+    rows, cols = _sample_pairs(n, _RESIDUAL_SAMPLES)
+    rows, cols = (xp.asarray(x, dtype=xp.int64, device=dev) for x in (rows, cols))
+
+    def gap(basis, a, b):
+        a, b = (xp.take(x, idx, axis=x.ndim - 2) for x, idx in ((a, rows), (b, cols)))
+        exact = scale * xp.sum(a * b, axis=-1)
+        seg = xp.take(_segment_index(basis.starts, n, xp, dev), cols)
+        flat = xp.reshape(basis.vectors, (*basis.vectors.shape[:-2], basis.rank * n))
+        entries = xp.take(flat, seg * n + (rows - cols), axis=flat.ndim - 1)
+        return float(xp.max(xp.abs(entries - exact)))
+
+    residual = gap(lower, q, k)
+    return residual if upper is None else max(residual, gap(upper, k, q))
+
+
+def _warn_if_inexact(residual, rank):
+    # Attention outputs are convex combinations of V's rows: no error exceeds 2 max|V|.
+    bound = min(2 * math.expm1(residual), 2.0) if residual == residual else math.nan
+    if not bound <= _WARN_OUTPUT_ERROR:  # also for a NaN residual (NaN inputs)
+        warnings.warn(
+            f"the rank-{rank} conv basis misses sampled logits by up to {residual:.3g}, so the "
+            f"attention output may be off by up to about {bound:.3g} x max|V| (MATH.md §4): the "
+            "logits may lack a few-segment conv structure; raise rank or use another method",
+            ConvBasisWarning,
+            stacklevel=4,
+        )
+
+
 def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=None):
     """Recover, exponentiate, run the FFT products, select rows to recompute (MATH.md §4).
 
@@ -986,8 +1046,19 @@ def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=N
         e = upper.exp(shift).vectors
         strict = _valid(xp, upper._plan, n, device(q), strict=True)
         upper_exp = ConvBasis(upper.starts, xp.where(strict, e, xp.zeros_like(e)), n)
+    residual = _logit_residual(xp, q, k, scale, lower, upper)
+    _warn_if_inexact(residual, rank)
     op = ConvAttentionOperator(
-        lower, upper, shift, None, (), tolerance, None, _lower_exp=lower_exp, _upper_exp=upper_exp
+        lower,
+        upper,
+        shift,
+        None,
+        (),
+        tolerance,
+        None,
+        residual,
+        _lower_exp=lower_exp,
+        _upper_exp=upper_exp,
     )
     ones = xp.ones((1, n), dtype=q.dtype, device=device(q))
     if with_values is None:
@@ -1019,6 +1090,7 @@ def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=N
         rows,
         tolerance,
         noise[..., 0],
+        residual,
         _lower_exp=lower_exp,
         _upper_exp=upper_exp,
     )
@@ -1039,6 +1111,7 @@ def _replace_normaliser(xp, op, ones):
         op.recomputed_rows,
         op.tolerance,
         op.noise,
+        op.logit_residual,
         _lower_exp=op._lower_exp,
         _upper_exp=op._upper_exp,
     )

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from convbasis.conv import (
     ConvAttentionOperator,
     ConvBasis,
+    ConvBasisWarning,
     conv_attention,
     conv_matmul,
     conv_operator,
@@ -1002,6 +1003,8 @@ def test_bad_shapes(xp, rng):
         conv_operator(xp.asarray(np.ones(4)), k, rank=1)
 
 
+# random inputs: only the input checks are under test, not the (approximate) result
+@pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
 def test_bad_dtypes_and_namespaces(xp, rng):
     q, k, v = _qkv(xp, rng)
     ints = xp.asarray(np.ones((5, 4), dtype=np.int64))
@@ -1026,6 +1029,8 @@ def test_bad_dtypes_and_namespaces(xp, rng):
         op.rmatmul(xp.asarray(np.ones((5, 1), dtype=np.int64)))
 
 
+# random inputs: only the input checks are under test, not the (approximate) result
+@pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
 def test_mixed_namespaces(xp, rng):
     strict = pytest.importorskip("array_api_strict")
     other = strict if xp is not strict else np
@@ -1101,6 +1106,8 @@ def test_bad_basis(xp):
         basis.rmatmul(xp.asarray(np.ones(5)))
 
 
+# random inputs: only the input checks are under test, not the (approximate) result
+@pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
 def test_bad_operator_products(xp, rng):
     q, k, _ = _qkv(xp, rng)
     op = conv_operator(q, k, rank=2)
@@ -1113,3 +1120,52 @@ def test_bad_operator_products(xp, rng):
         op.hadamard_rmatmul(ones, xp.asarray(np.ones((4, 2))), ones)
     with pytest.raises(ValueError, match=r"g must have shape \(\.\.\., n, p\) with n = 5"):
         op.hadamard_matmul(xp.asarray(np.ones((6, 2))), ones, ones)
+
+
+# --------------------------------------------------------------------------------------
+# No silent approximations: the sampled logit residual and ConvBasisWarning
+# --------------------------------------------------------------------------------------
+
+
+def _dense_residual(op, q, k, scale, causal):
+    """``max |basis − s Q Kᵀ|`` over the whole lower triangle (and the ``K Qᵀ`` basis)."""
+    q, k = (to_numpy(a).astype(np.float64) for a in (q, k))
+    lower = np.tril(to_numpy(op.lower.to_dense()) - scale * q @ k.T)
+    if causal:
+        return float(np.abs(lower).max())
+    upper = np.tril(to_numpy(op.upper.to_dense()) - scale * k @ q.T)
+    return float(max(np.abs(lower).max(), np.abs(upper).max()))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_residual_is_exact_for_small_n_and_warns_on_unstructured_logits(xp, rng, causal):
+    # n = 20: every lower-triangle entry is sampled, so the estimate is the true residual.
+    q, k, v = (rng.standard_normal((20, 4)) for _ in range(3))
+    with pytest.warns(ConvBasisWarning, match=r"rank-3 conv basis misses sampled logits"):
+        op = conv_operator(xp.asarray(q), xp.asarray(k), rank=3, causal=causal)
+    true = _dense_residual(op, q, k, 0.5, causal)
+    assert true > 0.5  # random logits have no 3-segment structure
+    assert op.logit_residual == pytest.approx(true, rel=1e-12)
+    with pytest.warns(ConvBasisWarning, match=r"off by up to about 2 x max\|V\|"):
+        conv_attention(xp.asarray(q), xp.asarray(k), xp.asarray(v), rank=3, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_on_exact_instances_is_round_off_and_silent(xp, rng, dtype):
+    # filterwarnings=error (pyproject) turns any ConvBasisWarning into a failure here.
+    q, k, _, starts = rotary_conv_instance(rng, 300, 8, (0, 40, 170), dtype=dtype)
+    op = conv_operator(xp.asarray(q), xp.asarray(k), rank=3)
+    unit = float(np.finfo(dtype).eps)
+    scale = 1 / math.sqrt(8)
+    assert op.lower.starts == starts
+    assert 0 <= op.logit_residual <= _dense_residual(op, q, k, scale, True)
+    assert op.logit_residual <= 64 * unit * max(1.0, float(np.abs(scale * q @ k.T).max()))
+
+
+def test_residual_sampling_is_bounded_and_catches_large_mismatch(xp, rng):
+    # n = 2000: 512 of the ~2e6 lower-triangle entries are sampled (O(512 d) work).  The
+    # estimate can only fall short of the true residual; on random logits it is still large.
+    q, k = (rng.standard_normal((2000, 4)) for _ in range(2))
+    with pytest.warns(ConvBasisWarning):
+        op = conv_operator(xp.asarray(q), xp.asarray(k), rank=4)
+    assert 0.5 < op.logit_residual <= _dense_residual(op, q, k, 0.5, True)

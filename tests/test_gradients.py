@@ -289,6 +289,8 @@ def test_conv_self_attention_gradients_exact_instances(xp, rng, kind, causal, dt
     _assert_all_outputs(fast, golden, baseline, CONV_FACTOR)
 
 
+# a truncated basis is the point here (its ConvBasisWarning is expected)
+@pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
 @needs_longdouble
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_conv_gradients_check_fails_on_a_truncated_basis(rng, dtype):
