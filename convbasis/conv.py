@@ -203,10 +203,10 @@ def _valid(xp, plan, n, dev, *, strict=False):
 
 
 def _segment_index(starts, n, xp, dev):
-    """Segment of every column ``j``: ``(n,)`` integer array."""
-    stops = (*starts[1:], n)
-    ids = [i for i, (s, e) in enumerate(zip(starts, stops, strict=True)) for _ in range(e - s)]
-    return xp.asarray(ids, dtype=xp.int64, device=dev)
+    """Segment of every column ``j``: ``(n,)`` integer array (``σ_i <= j < σ_{i+1}``)."""
+    edges = xp.asarray(starts, dtype=xp.int64, device=dev)
+    columns = xp.arange(n, dtype=xp.int64, device=dev)
+    return xp.searchsorted(edges, columns, side="right") - 1
 
 
 def _check_integer(value, name, low, high=None):
