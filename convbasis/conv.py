@@ -188,9 +188,11 @@ def _segment_rmatmul(xp, plan, spectra, columns, zt, n):
                 continue
             y = _filter(xp, spec, zt[..., lo:hi, s:], size)
             pieces.append(y[..., : e - s])
-        shape = xp.broadcast_shapes(*(p.shape[:-1] for p in pieces))
-        pieces = [xp.broadcast_to(p, (*shape, p.shape[-1])) for p in pieces]
-        blocks.append(pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=-1))
+        if len(pieces) > 1:  # concat copies: no read-only broadcast view reaches the caller
+            shape = xp.broadcast_shapes(*(p.shape[:-1] for p in pieces))
+            pieces = [xp.broadcast_to(p, (*shape, p.shape[-1])) for p in pieces]
+            pieces = [xp.concat(pieces, axis=-1)]
+        blocks.append(pieces[0])
     return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=-2)
 
 
@@ -238,16 +240,12 @@ def _check_starts(starts, n):
     return starts
 
 
-def _to_transposed(xp, z):
-    return xp.matrix_transpose(z)
-
-
 # ----------------------------------------------------------------------------------------
 # The basis
 # ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConvBasis:
     """A k-conv basis ``H = Σ_i conv(b_i, m_i)`` of a lower-triangular ``n × n`` matrix.
 
@@ -721,7 +719,7 @@ def _noise_floor(xp, bases, dtype):
     return total
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConvAttentionOperator:
     """Normalised conv-basis attention ``f = D⁻¹ C`` as an operator (MATH.md §3, §4).
 
@@ -749,8 +747,9 @@ class ConvAttentionOperator:
         Predicted absolute FFT error of ``C · 1`` (``u log2 N Σ_i ‖e_i‖₂ √L_i``): rows kept on the
         FFT path have relative error at most about ``2 noise / D_r`` (in units of ``‖Z‖_∞``).
     logit_residual : float
-        ``ε̂ = max |basis − s · Q Kᵀ|`` over 512 sampled logits (all of them when ``n`` is
-        small): an estimate, from below, of how far the basis is from the true logits.  The
+        ``ε̂ = max |basis − s · Q Kᵀ|`` over the diagonal and 512 sampled logits (all of them
+        when ``n`` is small): an estimate, from below, of how far the basis is from the true
+        logits (a start the recovery missed shows on the diagonal).  The
         output error is about ``2 (e^ε − 1) ‖V‖_∞`` for the true ``ε``; building the operator
         issues a :class:`ConvBasisWarning` when ``2 (e^ε̂ − 1) > 0.01``.
     """
@@ -995,19 +994,23 @@ def _sample_pairs(n, count):
 
 
 def _logit_residual(xp, q, k, scale, lower, upper):
-    """``max |basis − s · Q Kᵀ|`` over sampled entries of the lower triangle (and of the
-    ``K Qᵀ`` basis when bidirectional): ``O(samples · d)``, no ``n × n`` array."""
+    """``max |basis − s · Q Kᵀ|`` over the diagonal and sampled entries of the lower triangle
+    (and of the ``K Qᵀ`` basis when bidirectional): ``O((n + samples) d)``, no ``n × n``
+    array."""
     n, dev = lower.n, device(q)
     rows, cols = _sample_pairs(n, _RESIDUAL_SAMPLES)
     rows, cols = (xp.asarray(x, dtype=xp.int64, device=dev) for x in (rows, cols))
 
     def gap(basis, a, b):
+        segments = _segment_index(basis.starts, n, xp, dev)
+        # Every diagonal entry (O(n d)): a start the recovery missed shows there first.
+        diagonal = xp.take(basis.vectors[..., 0], segments, axis=basis.vectors.ndim - 2)
+        worst = xp.max(xp.abs(diagonal - scale * xp.sum(a * b, axis=-1)))
         a, b = (xp.take(x, idx, axis=x.ndim - 2) for x, idx in ((a, rows), (b, cols)))
         exact = scale * xp.sum(a * b, axis=-1)
-        seg = xp.take(_segment_index(basis.starts, n, xp, dev), cols)
         flat = xp.reshape(basis.vectors, (*basis.vectors.shape[:-2], basis.rank * n))
-        entries = xp.take(flat, seg * n + (rows - cols), axis=flat.ndim - 1)
-        return float(xp.max(xp.abs(entries - exact)))
+        entries = xp.take(flat, xp.take(segments, cols) * n + (rows - cols), axis=flat.ndim - 1)
+        return max(float(worst), float(xp.max(xp.abs(entries - exact))))
 
     residual = gap(lower, q, k)
     return residual if upper is None else max(residual, gap(upper, k, q))
@@ -1038,14 +1041,13 @@ def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=N
     upper = upper_exp = None
     if not causal:
         upper = ConvBasis(*_recover(xp, k, q, scale, rank, probe, delta, 0.0), n)
-        strict = _valid(xp, upper._plan, n, device(q), strict=True)
-        shift = xp.maximum(shift, _masked_max(xp, upper.vectors, strict))
+        strict_lower = _valid(xp, upper._plan, n, device(q), strict=True)
+        shift = xp.maximum(shift, _masked_max(xp, upper.vectors, strict_lower))
     # MATH §4: one global shift per batch element (a row maximum cannot enter a convolution).
     lower_exp = lower.exp(shift)
     if upper is not None:
         e = upper.exp(shift).vectors
-        strict = _valid(xp, upper._plan, n, device(q), strict=True)
-        upper_exp = ConvBasis(upper.starts, xp.where(strict, e, xp.zeros_like(e)), n)
+        upper_exp = ConvBasis(upper.starts, xp.where(strict_lower, e, xp.zeros_like(e)), n)
     residual = _logit_residual(xp, q, k, scale, lower, upper)
     _warn_if_inexact(residual, rank)
     op = ConvAttentionOperator(
@@ -1060,7 +1062,8 @@ def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=N
         _lower_exp=lower_exp,
         _upper_exp=upper_exp,
     )
-    ones = xp.ones((1, n), dtype=q.dtype, device=device(q))
+    dtype = q.dtype if with_values is None else with_values.dtype
+    ones = xp.ones((1, n), dtype=dtype, device=device(q))
     if with_values is None:
         zt = ones
     else:
@@ -1191,12 +1194,8 @@ def conv_attention(
         ``O(rank (n (d + e) log n))`` time, ``O(n (e + rank))`` memory beyond the inputs,
         plus ``O(n (d + e))`` per recomputed row.
     """
-    xp, q, k, v = validate_attention_inputs(q, k, v, causal=False)
-    if q.shape[-2] != k.shape[-2]:
-        raise ValueError(
-            "the k-conv basis needs as many queries as keys, got "
-            f"q shape {q.shape} and k shape {k.shape}"
-        )
+    xp, q, k = _validate_qk(q, k, causal)  # recovery in the precision that q, k carry
+    _, _, _, v = validate_attention_inputs(q, k, v, causal=False)  # v in the common dtype
     tol = _tolerance(xp, q.dtype, tolerance)
     op, prod = _build(xp, q, k, rank, causal, probe, delta, scale, tol, with_values=v)
     e = v.shape[-1]

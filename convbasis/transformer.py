@@ -528,7 +528,8 @@ def loss_and_gradients(
 
 
 def gradient_errors(approx, exact, /):
-    """Per-layer relative gradient error ``max_θ ‖Δ∂θ‖_F / ‖∂θ‖_F`` and the input's.
+    """Per-layer relative gradient error ``max_θ ‖Δ∂θ‖_F / ‖∂θ‖_F`` and the input's
+    (absolute where ``∂θ`` is exactly zero).
 
     Parameters
     ----------
@@ -542,7 +543,8 @@ def gradient_errors(approx, exact, /):
     xp = namespace(exact.x)
 
     def rel(a, b):
-        return float(xp.linalg.vector_norm(a - b) / xp.linalg.vector_norm(b))
+        norm = float(xp.linalg.vector_norm(b))  # an exactly zero gradient: absolute error
+        return float(xp.linalg.vector_norm(a - b)) / (norm if norm > 0 else 1.0)
 
     per_layer = []
     for la, lb in zip(approx.params.layers, exact.params.layers, strict=True):

@@ -53,3 +53,12 @@ def test_report_prints_a_row_per_method(capsys):
     assert main(["report", "--n", "300", "--d", "4", "--method", "all"]) == 0
     lines = capsys.readouterr().out.splitlines()[2:]
     assert [line.split()[0] for line in lines] == ["dense", "lowrank", "conv", "multipole"]
+
+
+def test_demo_runs_at_tiny_and_odd_sizes():
+    for n, d in ((1, 2), (3, 1), (12, 7)):
+        out = io.StringIO()
+        demo(n=n, d=d, file=out, progress=None)
+        for name, (n_, _, err, _) in _table(out.getvalue()).items():
+            bound = next((b for key, b in APPROXIMATE.items() if name.startswith(key)), 1e-2)
+            assert n_ == n and 0 <= err < bound, (n, d, name, err)

@@ -1169,3 +1169,33 @@ def test_residual_sampling_is_bounded_and_catches_large_mismatch(xp, rng):
     with pytest.warns(ConvBasisWarning):
         op = conv_operator(xp.asarray(q), xp.asarray(k), rank=4)
     assert 0.5 < op.logit_residual <= _dense_residual(op, q, k, 0.5, True)
+
+
+def test_products_return_writeable_arrays(rng):
+    # One segment, one column block: no read-only broadcast view may reach the caller.
+    z = rng.standard_normal((16, 2))
+    basis = ConvBasis((0,), rng.standard_normal((1, 16)), 16)
+    for out in (basis.rmatmul(z), basis.matmul(z), conv_rmatmul(rng.standard_normal(16), z)):
+        assert out.flags.writeable
+        out += 1.0
+
+
+def test_attention_recovers_in_the_precision_of_q_and_k(xp, rng):
+    # float32 q, k with float64 v: recovery must see float32 round-off as round-off, not as
+    # segment changes (the output follows the common dtype).
+    q, k, v, starts = alibi_conv_instance(rng, 100, 4, slope=0.1, starts=(0, 30), biases=(0, 1))
+    q32, k32 = (xp.asarray(a.astype(np.float32)) for a in (q, k))
+    out = conv_attention(q32, k32, xp.asarray(v), rank=2)
+    assert out.dtype == xp.float64
+    golden = attention(*(a.astype(np.float32).astype(np.float64) for a in (q, k)), v)
+    assert np.abs(to_numpy(out) - golden).max() < 1e-5
+    assert conv_operator(q32, k32, rank=2).lower.starts == starts
+
+
+def test_a_missed_late_segment_warns(rng):
+    # The last 128 of 4096 columns form their own segment; rank 1 cannot represent it.  Few
+    # random samples land there, but the diagonal check sees it.
+    q, k, *_ = rotary_conv_instance(rng, 4096, 8, (0, 3968), logit_scale=10.0)
+    with pytest.warns(ConvBasisWarning, match="rank-1 conv basis"):
+        op = conv_operator(q, k, rank=1)
+    assert op.logit_residual > 1.0
