@@ -811,6 +811,12 @@ class ConvAttentionOperator:
     def _exact_weights(self, rows, width):
         return _exact_weights(self._xp, self.lower, self.upper, rows, width)
 
+    def _exact_hadamard_weights(self, rows, width, g, y):
+        """Rows ``rows`` of ``f ∘ G Yᵀ`` on the first ``width`` columns, exactly."""
+        xp = self._xp
+        g_rows = xp.take(g, xp.asarray(rows, device=device(g)), axis=g.ndim - 2)
+        return self._exact_weights(rows, width) * (g_rows @ xp.matrix_transpose(y[..., :width, :]))
+
     def _pad_rows(self, x):
         """Zero-pad ``(..., width, p)`` to ``(..., n, p)``."""
         pad = self.n - x.shape[-2]
@@ -915,11 +921,7 @@ class ConvAttentionOperator:
         out = xp.matrix_transpose(xp.sum(gt[..., :, None, :] * prod, axis=-3))
         pieces = []
         for rows, width in self._row_blocks():
-            idx = xp.asarray(rows, device=device(z))
-            w = self._exact_weights(rows, width) * (
-                xp.take(g, idx, axis=g.ndim - 2) @ xp.matrix_transpose(y[..., :width, :])
-            )
-            pieces.append(w @ z[..., :width, :])
+            pieces.append(self._exact_hadamard_weights(rows, width, g, y) @ z[..., :width, :])
         return self._gather_rows(pieces, out)
 
     def hadamard_rmatmul(self, g, y, z):
@@ -935,10 +937,8 @@ class ConvAttentionOperator:
         prod = xp.reshape(prod, (*prod.shape[:-2], r, p, self.n))
         out = xp.matrix_transpose(xp.sum(yt[..., :, None, :] * prod, axis=-3))
         for rows, width in self._row_blocks():
+            w = self._exact_hadamard_weights(rows, width, g, y)
             idx = xp.asarray(rows, device=device(z))
-            w = self._exact_weights(rows, width) * (
-                xp.take(g, idx, axis=g.ndim - 2) @ xp.matrix_transpose(y[..., :width, :])
-            )
             out = out + self._pad_rows(xp.matrix_transpose(w) @ xp.take(z, idx, axis=z.ndim - 2))
         return out
 
