@@ -16,7 +16,7 @@ import math
 
 import array_api_extra as xpx
 
-from ._array import as_floating, check_rows, exclusive_cumsum, map_chunks, namespace
+from ._array import as_floating, check_rows, chunk_scan_map, contiguous, namespace, scan_blocks
 
 __all__ = [
     "face_splitting_product",
@@ -54,12 +54,12 @@ def _chunk_size(chunk, n, r, p):
     return min(chunk, n)
 
 
-def _in_chunks(xp, a, chunk, count):
-    """``(..., n, w)`` -> ``(..., count, chunk, w)``, zero-padding the last chunk."""
-    pad = count * chunk - a.shape[-2]
+def _in_chunks(xp, a, chunk, blocks, group):
+    """``(..., n, w)`` -> ``(..., blocks, group, chunk, w)``, zero-padding the end."""
+    pad = blocks * group * chunk - a.shape[-2]
     if pad:
         a = xpx.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pad), (0, 0)], xp=xp)
-    return xp.reshape(a, (*a.shape[:-2], count, chunk, a.shape[-1]))
+    return xp.reshape(a, (*a.shape[:-2], blocks, group, chunk, a.shape[-1]))
 
 
 def masked_product(xp, u, v, z, *, upper, strict, chunk):
@@ -68,11 +68,7 @@ def masked_product(xp, u, v, z, *, upper, strict, chunk):
     Private kernel shared by the public products: arrays already validated and promoted.
     ``strict`` drops the diagonal.  Leading axes broadcast as in ``matmul``.
     """
-    n = u.shape[-2]
-    count = math.ceil(n / chunk)
-    u_c, v_c, z_c = (_in_chunks(xp, a, chunk, count) for a in (u, v, z))
-    mT = xp.matrix_transpose
-
+    n, p = u.shape[-2], z.shape[-1]
     rows = xp.arange(chunk)[:, None]
     cols = xp.arange(chunk)[None, :]
     keep = (
@@ -81,20 +77,31 @@ def masked_product(xp, u, v, z, *, upper, strict, chunk):
         else (rows > cols if strict else rows >= cols)
     )
     keep = xp.astype(keep, u.dtype)
+    mT = xp.matrix_transpose
 
-    if count == 1:
-        return ((u_c @ mT(v_c)) * keep @ z_c)[..., 0, :n, :]
-    # MATH §1: chunk states S_t = V_tᵀ Z_t; each chunk sees their exclusive prefix (suffix) sum.
-    seen = exclusive_cumsum(
-        xp, map_chunks(xp, lambda a, b: mT(a) @ b, v_c, z_c), axis=-3, reverse=upper
-    )
+    def states(u_c, v_c, z_c):
+        return mT(v_c) @ z_c
+
+    def diagonal_blocks(u_c, v_c, z_c):
+        block = u_c @ contiguous(xp, mT(v_c))
+        block *= keep
+        return block @ z_c
 
     def chunk_rows(u_c, v_c, z_c, seen):
-        return ((u_c @ mT(v_c)) * keep) @ z_c + u_c @ seen
+        out = diagonal_blocks(u_c, v_c, z_c)
+        out += u_c @ seen
+        return out
 
-    out = map_chunks(xp, chunk_rows, u_c, v_c, z_c, seen)
-    out = xp.reshape(out, (*out.shape[:-3], count * chunk, out.shape[-1]))
-    return out[..., :n, :]
+    # MATH §1: chunk states S_t = V_tᵀ Z_t; each chunk sees their exclusive prefix (suffix)
+    # sum, which is taken block by block.
+    count = math.ceil(n / chunk)
+    group = math.ceil(count / scan_blocks(count))
+    blocks = math.ceil(count / group)
+    u_c, v_c, z_c = (_in_chunks(xp, a, chunk, blocks, group) for a in (u, v, z))
+    if count == 1:
+        return diagonal_blocks(u_c, v_c, z_c)[..., 0, 0, :n, :]
+    out = chunk_scan_map(xp, states, chunk_rows, u_c, v_c, z_c, reverse=upper)
+    return xp.reshape(out, (*out.shape[:-4], blocks * group * chunk, p))[..., :n, :]
 
 
 def masked_lowrank_matmul(u, v, z, /, *, transpose=False, strict=False, chunk=None):

@@ -8,10 +8,10 @@ import pytest
 from array_api_compat import array_namespace
 
 from convbasis._array import (
+    chunk_scan_map,
     exclusive_cumsum,
     fast_length,
     irfft,
-    map_chunks,
     namespace,
     resolve_scale,
     rfft,
@@ -74,10 +74,58 @@ def test_resolve_scale():
         resolve_scale(float("inf"), 4)
 
 
-def test_map_chunks_threaded_path_matches_serial(xp, rng):
-    # Large enough to take the threaded NumPy path; other backends call func once.
-    a, b = (xp.asarray(rng.standard_normal((3, 40, 48, 48))) for _ in range(2))
-    xpn = array_namespace(a)
-    out = map_chunks(xpn, lambda x, y: x @ y + 1.0, a, b)
-    assert out.shape == (3, 40, 48, 48)
-    assert_close(out, np.asarray(a) @ np.asarray(b) + 1.0, atol=1e-12)
+def _scan_case(xp, rng, blocks, group):
+    a = xp.asarray(rng.standard_normal((3, blocks, group, 5, 4)))
+    b = xp.asarray(rng.standard_normal((blocks, group, 5, 6)))
+    mT = array_namespace(a).matrix_transpose
+
+    def states(a, b):
+        return mT(a) @ b
+
+    def func(a, b, seen):
+        return a @ seen + 1.0
+
+    expected = []
+    for reverse in (False, True):
+        s = np.asarray(mT(a) @ b).reshape(3, blocks * group, 4, 6)
+        csum = np.cumsum(s[:, ::-1] if reverse else s, axis=1) - (s[:, ::-1] if reverse else s)
+        seen = (csum[:, ::-1] if reverse else csum).reshape(3, blocks, group, 4, 6)
+        expected.append(np.asarray(a) @ seen + 1.0)
+    return a, b, states, func, expected
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_chunk_scan_map_paths_agree(xp, rng, monkeypatch, threads):
+    import convbasis._array as array_module
+
+    monkeypatch.setattr(array_module, "_THREADED_MIN_ELEMENTS", 0)  # NumPy: pipelined path
+    monkeypatch.setattr(array_module, "_THREADS", threads)
+    array_module._thread_pool.cache_clear()
+    try:
+        a, b, states, func, expected = _scan_case(xp, rng, blocks=7, group=3)
+        for reverse, want in zip((False, True), expected, strict=True):
+            out = chunk_scan_map(array_namespace(a), states, func, a, b, reverse=reverse)
+            assert out.shape == (3, 7, 3, 5, 6)
+            assert_close(out, want, atol=1e-12)
+    finally:
+        array_module._thread_pool.cache_clear()
+
+
+def test_chunk_scan_map_error_in_a_block_propagates(rng, monkeypatch):
+    import convbasis._array as array_module
+
+    monkeypatch.setattr(array_module, "_THREADED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(array_module, "_THREADS", 2)
+    array_module._thread_pool.cache_clear()
+    a, b, states, _, _ = _scan_case(np, rng, blocks=8, group=2)
+
+    def failing(a, b, seen):
+        if float(seen[..., 0, 0, 0].sum()) != 0.0:  # every block but the first
+            raise RuntimeError("block failed")
+        return a @ seen
+
+    try:
+        with pytest.raises(RuntimeError, match="block failed"):
+            chunk_scan_map(np, states, failing, a, b)
+    finally:
+        array_module._thread_pool.cache_clear()

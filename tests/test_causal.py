@@ -5,6 +5,7 @@ from __future__ import annotations
 import array_api_strict
 import numpy as np
 import pytest
+from array_api_compat import array_namespace, is_numpy_namespace
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -125,3 +126,37 @@ def test_bad_input(xp):
         masked_hadamard_matmul(a, a, xp.asarray(np.ones((5, 0))), xp.asarray(np.ones((5, 0))), a)
     with pytest.raises(TypeError, match="one array library"):
         masked_lowrank_matmul(np.ones((5, 2)), array_api_strict.asarray(np.ones((5, 2))), a)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(("transpose", "strict"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_pipelined_blocks_match_dense(xp, rng, monkeypatch, threads, transpose, strict, dtype):
+    """Inputs large enough for NumPy's pipelined path (other backends: the one-call path).
+
+    The one-call path's running sum is disabled, so NumPy input must take the pipeline;
+    ``n`` is odd (padded last chunk) and a batch axis broadcasts against ``z``.
+    """
+    import convbasis._array as array_module
+
+    if is_numpy_namespace(array_namespace(xp.asarray([0.0]))):
+        monkeypatch.setattr(array_module, "_THREADS", threads)
+        monkeypatch.setattr(array_module, "exclusive_cumsum", None)  # one-call path unusable
+        array_module._thread_pool.cache_clear()
+    n, r, p = 2051, 24, 48
+    u, v = rng.standard_normal((2, 2, n, r))
+    z = rng.standard_normal((n, p))
+    try:
+        out = masked_lowrank_matmul(
+            *(xp.asarray(a.astype(dtype)) for a in (u, v, z)),
+            transpose=transpose,
+            strict=strict,
+            chunk=8,
+        )
+    finally:
+        array_module._thread_pool.cache_clear()
+    assert out.shape == (2, n, p)
+    assert out.dtype == getattr(xp, dtype)
+    golden = explicit(u, v, z, transpose, strict, "float64")
+    reference = explicit(u, v, z, transpose, strict, dtype)
+    assert_within_reference_error(out, golden, reference, factor=4)
