@@ -7,7 +7,9 @@ public boundary and passes it to private helpers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import itertools
 import math
 import os
 import threading
@@ -196,7 +198,7 @@ def exclusive_cumsum(xp, x, *, axis, reverse=False):
 
 @functools.cache
 def _thread_pool():
-    return ThreadPoolExecutor(_THREADS, thread_name_prefix="convbasis")
+    return ThreadPoolExecutor(max(_THREADS - 1, 1), thread_name_prefix="convbasis")
 
 
 @functools.cache
@@ -256,7 +258,8 @@ def chunk_scan_map(xp, states, func, *arrays, reverse=False):
     ready[0].set()
     failed = threading.Event()
     lock = threading.Lock()
-    out = None
+    taken = itertools.count()  # blocks are handed out in order, so a block's predecessor
+    out = None  # is always with a running thread: no deadlock however busy the pool is
 
     def run_block(i):
         nonlocal out
@@ -266,7 +269,7 @@ def chunk_scan_map(xp, states, func, *arrays, reverse=False):
         seen = xp.empty_like(s)
         ready[i].wait()
         if failed.is_set():
-            return False
+            return
         prev = None
         for t in steps:
             if prev is not None:
@@ -282,13 +285,15 @@ def chunk_scan_map(xp, states, func, *arrays, reverse=False):
                 shape = (*result.shape[:-4], blocks, *result.shape[-3:])
                 out = xp.empty(shape, dtype=result.dtype)
         out[..., b : b + 1, :, :, :] = result
-        return True
 
-    def worker(first):
+    def worker():
         try:
-            for i in range(first, blocks, _THREADS):
-                if not run_block(i):
+            while not failed.is_set():
+                with lock:
+                    i = next(taken)
+                if i >= blocks:
                     return
+                run_block(i)
         except BaseException:
             failed.set()  # release the threads waiting for a running sum this one owed
             for event in ready:
@@ -296,5 +301,11 @@ def chunk_scan_map(xp, states, func, *arrays, reverse=False):
             raise
 
     with _blas_controller().limit(limits=1, user_api="blas"):
-        list(_thread_pool().map(worker, range(_THREADS)))
+        helpers = [_thread_pool().submit(worker) for _ in range(_THREADS - 1)]
+        try:
+            worker()
+        finally:
+            concurrent.futures.wait(helpers)
+        for helper in helpers:
+            helper.result()  # re-raise a helper's error
     return out

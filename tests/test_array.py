@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import array_api_strict
 import numpy as np
 import pytest
@@ -128,4 +130,22 @@ def test_chunk_scan_map_error_in_a_block_propagates(rng, monkeypatch):
         with pytest.raises(RuntimeError, match="block failed"):
             chunk_scan_map(np, states, failing, a, b)
     finally:
+        array_module._thread_pool.cache_clear()
+
+
+def test_chunk_scan_map_concurrent_callers_finish(rng, monkeypatch):
+    """Callers in several threads share the pool; no call may wait on another's work."""
+    import convbasis._array as array_module
+
+    monkeypatch.setattr(array_module, "_THREADED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(array_module, "_THREADS", 3)
+    array_module._thread_pool.cache_clear()
+    a, b, states, func, expected = _scan_case(np, rng, blocks=12, group=2)
+    callers = ThreadPoolExecutor(6)
+    try:
+        runs = [callers.submit(chunk_scan_map, np, states, func, a, b) for _ in range(12)]
+        for run in runs:
+            assert_close(run.result(timeout=60), expected[0], atol=1e-12)  # a deadlock fails
+    finally:
+        callers.shutdown(wait=False, cancel_futures=True)
         array_module._thread_pool.cache_clear()
