@@ -22,6 +22,7 @@ exactly from the basis with their own row maximum, so the result never contains 
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import random
@@ -57,8 +58,11 @@ __all__ = [
     "recover_conv_basis",
 ]
 
-# Elements per block when rows are recomputed exactly (bounds the O(rows · n) work array).
-_EXACT_BLOCK = 1 << 22
+# Elements per block when rows are recomputed exactly (bounds the O(rows · n) work array;
+# blocks of this size, not 2^22, took half the time at n = 2^17: cache, and causal blocks
+# skip more of the masked triangle).  A block always takes at least _EXACT_MIN_ROWS rows.
+_EXACT_BLOCK = 1 << 18
+_EXACT_MIN_ROWS = 16
 # Complex spectrum entries per block of FFT rows (cache-sized work arrays).
 _FFT_BLOCK = 1 << 22
 # Logit entries sampled to check the recovered basis against s · Q Kᵀ (O(samples · d)).
@@ -204,11 +208,16 @@ def _valid(xp, plan, n, dev, *, strict=False):
     return keep & (t >= 1) if strict else keep
 
 
-def _segment_index(starts, n, xp, dev):
-    """Segment of every column ``j``: ``(n,)`` integer array (``σ_i <= j < σ_{i+1}``)."""
-    edges = xp.asarray(starts, dtype=xp.int64, device=dev)
-    columns = xp.arange(n, dtype=xp.int64, device=dev)
-    return xp.searchsorted(edges, columns, side="right") - 1
+def _segment_index(starts, columns, xp):
+    """Segment of each column index in ``columns`` (``σ_i <= j < σ_{i+1}``), same dtype."""
+    edges = xp.asarray(starts, dtype=columns.dtype, device=device(columns))
+    return xp.astype(xp.searchsorted(edges, columns, side="right"), columns.dtype) - 1
+
+
+def _index_dtype(xp, *bases):
+    """``int32`` when every flat index ``segment · n + t`` of ``bases`` fits, else ``int64``:
+    half the memory traffic for the gathers of exact rows."""
+    return xp.int32 if all(b.rank * b.n < 2**31 for b in bases if b is not None) else xp.int64
 
 
 def _check_integer(value, name, low, high=None):
@@ -313,7 +322,7 @@ class ConvBasis:
         """The ``(..., n, n)`` matrix ``H`` (``O(n²)``; for tests)."""
         xp, n = self._xp, self.n
         dev = device(self.vectors)
-        seg = _segment_index(self.starts, n, xp, dev)
+        seg = _segment_index(self.starts, xp.arange(n, dtype=xp.int64, device=dev), xp)
         i = xp.arange(n, device=dev)[:, None]
         j = xp.arange(n, device=dev)[None, :]
         t = i - j
@@ -368,8 +377,10 @@ class ConvBasis:
             shift = self.max()
         shift = xp.asarray(shift, dtype=c.dtype, device=device(c))
         keep = _valid(xp, self._plan, self.n, device(c))
-        e = xp.exp(xp.where(keep, c - shift[..., None, None], xp.zeros_like(c)))
-        return ConvBasis(self.starts, xp.where(keep, e, xp.zeros_like(e)), self.n)
+        minus_inf = xp.asarray(-xp.inf, dtype=c.dtype, device=device(c))
+        return ConvBasis(
+            self.starts, xp.exp(xp.where(keep, c - shift[..., None, None], minus_inf)), self.n
+        )
 
 
 def _masked_max(xp, c, keep):
@@ -604,9 +615,8 @@ def _recover(xp, q, k, scale, rank, probe, delta, eps):
         )
 
     threshold = delta - 2 * probe * eps
-    first = column(0, n)
-    starts, vectors = [0], [first]
-    probe_vec = first[..., :probe]
+    starts = [0]
+    probe_vec = column(0, probe)
 
     def differs(j):
         gap = xp.sum(xp.abs(column(j, probe) - probe_vec), axis=-1)
@@ -625,10 +635,15 @@ def _recover(xp, q, k, scale, rank, probe, delta, eps):
                 hi = mid
             else:
                 lo = mid + 1
-        col = column(lo, n - lo)
         starts.append(lo)
-        vectors.append(xpx.pad(col, [(0, 0)] * (col.ndim - 1) + [(0, lo)], xp=xp))
-        probe_vec = col[..., :probe]
+        probe_vec = column(lo, probe)
+    # All columns σ_i at once, one matrix product (O(n d k)): c_i = H[σ_i:, σ_i], zero-padded.
+    index = xp.asarray(starts, device=device(k))
+    cols = scale * (q @ xp.matrix_transpose(xp.take(k, index, axis=k.ndim - 2)))
+    vectors = [
+        xpx.pad(cols[..., s:, i], [(0, 0)] * (cols.ndim - 2) + [(0, s)], xp=xp)
+        for i, s in enumerate(starts)
+    ]
     return tuple(starts), xp.stack(vectors, axis=-2)
 
 
@@ -794,7 +809,8 @@ class ConvAttentionOperator:
     def _row_blocks(self):
         """Recomputed rows in blocks ``(rows, width)``: causal row ``r`` sees only ``r + 1``
         columns, so a block needs ``width = max(rows) + 1`` of them (``n`` if bidirectional);
-        blocks hold at most ``_EXACT_BLOCK`` entries per batch element."""
+        blocks hold at most ``_EXACT_BLOCK`` entries per batch element, or ``_EXACT_MIN_ROWS``
+        rows."""
         rows = self.recomputed_rows
         batch = math.prod(self.lower.vectors.shape[:-2]) or 1
         a = 0
@@ -802,7 +818,7 @@ class ConvAttentionOperator:
             b = a + 1
             while b < len(rows):
                 width = rows[b] + 1 if self.upper is None else self.n
-                if (b + 1 - a) * width * batch > _EXACT_BLOCK:
+                if (b + 1 - a) * width * batch > _EXACT_BLOCK and b - a >= _EXACT_MIN_ROWS:
                     break
                 b += 1
             yield rows[a:b], (rows[b - 1] + 1 if self.upper is None else self.n)
@@ -957,31 +973,33 @@ def _exact_weights(xp, lower, upper, rows, width):
     """
     n = lower.n
     dev = device(lower.vectors)
-    r = xp.asarray(rows, dtype=xp.int64, device=dev)[:, None]
-    j = xp.arange(width, dtype=xp.int64, device=dev)[None, :]
+    index = _index_dtype(xp, lower, upper)
+    r = xp.asarray(rows, dtype=index, device=dev)[:, None]
+    j = xp.arange(width, dtype=index, device=dev)[None, :]
     t = r - j
-    zero = xp.zeros_like(t)
+    zero = xp.zeros((), dtype=index, device=dev)
 
     def gather(basis, index):
         flat = xp.reshape(basis.vectors, (*basis.vectors.shape[:-2], basis.rank * n))
         out = xp.take(flat, xp.reshape(index, (-1,)), axis=flat.ndim - 1)
         return xp.reshape(out, (*flat.shape[:-1], *index.shape))
 
-    seg = _segment_index(lower.starts, n, xp, dev)[:width]
-    logits = gather(lower, seg[None, :] * n + xp.where(t >= 0, t, zero))
+    seg = _segment_index(lower.starts, j, xp)
+    logits = gather(lower, seg * n + xp.maximum(t, zero))
     minus_inf = xp.asarray(-xp.inf, dtype=logits.dtype, device=dev)
     if upper is None:
         logits = xp.where(t >= 0, logits, minus_inf)
     else:
         # MATH §4: S[r, j] for j > r is the strictly lower entry (j, r) of the K Qᵀ basis.
-        seg_u = _segment_index(upper.starts, n, xp, dev)
-        up = gather(upper, xp.take(seg_u, r[:, 0])[:, None] * n + xp.where(t < 0, -t, zero))
+        seg_u = _segment_index(upper.starts, r, xp)
+        up = gather(upper, seg_u * n + xp.maximum(-t, zero))
         logits = xp.where(t >= 0, logits, up)
     logits = logits - xp.max(logits, axis=-1, keepdims=True)
     w = xp.exp(logits)
     return w / xp.sum(w, axis=-1, keepdims=True)
 
 
+@functools.cache
 def _sample_pairs(n, count):
     """Deterministic pseudo-random pairs ``(a, b)``, ``a >= b``, of the lower triangle (all of
     them when there are at most ``count``)."""
@@ -990,7 +1008,7 @@ def _sample_pairs(n, count):
     else:
         gen = random.Random(n)
         pairs = [(a, gen.randrange(a + 1)) for a in (gen.randrange(n) for _ in range(count))]
-    return [a for a, _ in pairs], [b for _, b in pairs]
+    return tuple(a for a, _ in pairs), tuple(b for _, b in pairs)
 
 
 def _logit_residual(xp, q, k, scale, lower, upper):
@@ -1002,12 +1020,12 @@ def _logit_residual(xp, q, k, scale, lower, upper):
     rows, cols = (xp.asarray(x, dtype=xp.int64, device=dev) for x in (rows, cols))
 
     def gap(basis, a, b):
-        segments = _segment_index(basis.starts, n, xp, dev)
+        segments = _segment_index(basis.starts, xp.arange(n, dtype=xp.int64, device=dev), xp)
         # Every diagonal entry (O(n d)): a start the recovery missed shows there first.
         diagonal = xp.take(basis.vectors[..., 0], segments, axis=basis.vectors.ndim - 2)
-        worst = xp.max(xp.abs(diagonal - scale * xp.sum(a * b, axis=-1)))
+        worst = xp.max(xp.abs(diagonal - scale * xp.vecdot(a, b)))
         a, b = (xp.take(x, idx, axis=x.ndim - 2) for x, idx in ((a, rows), (b, cols)))
-        exact = scale * xp.sum(a * b, axis=-1)
+        exact = scale * xp.vecdot(a, b)
         flat = xp.reshape(basis.vectors, (*basis.vectors.shape[:-2], basis.rank * n))
         entries = xp.take(flat, xp.take(segments, cols) * n + (rows - cols), axis=flat.ndim - 1)
         return max(float(worst), float(xp.max(xp.abs(entries - exact))))
@@ -1032,7 +1050,7 @@ def _warn_if_inexact(residual, rank):
 def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=None):
     """Recover, exponentiate, run the FFT products, select rows to recompute (MATH.md §4).
 
-    Returns the operator and, if ``with_values`` is given, ``C [V, 1]`` in transposed layout.
+    Returns the operator and, if ``with_values`` is given, ``C V`` in transposed layout.
     """
     rank, probe, delta, _, scale = _recovery_options(xp, q, k, rank, probe, delta, 0.0, scale)
     n = q.shape[-2]
@@ -1063,15 +1081,10 @@ def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=N
         _upper_exp=upper_exp,
     )
     dtype = q.dtype if with_values is None else with_values.dtype
-    ones = xp.ones((1, n), dtype=dtype, device=device(q))
-    if with_values is None:
-        zt = ones
-    else:
-        vt = xp.matrix_transpose(with_values)
-        ones = xp.broadcast_to(ones, (*vt.shape[:-2], 1, n))
-        zt = xp.concat([vt, ones], axis=-2)
-    prod = op._c_matmul(zt)
-    normaliser = prod[..., -1, :]
+    # D = C · 1 and C V as separate products: V enters in its transposed view, which the
+    # FFT's zero-padding copies anyway (a concatenated [Vᵀ; 1] would cost one more pass).
+    normaliser = op._c_matmul(xp.ones((1, n), dtype=dtype, device=device(q)))[..., 0, :]
+    prod = None if with_values is None else op._c_matmul(xp.matrix_transpose(with_values))
     bases = [(lower_exp, "segment")]
     if upper_exp is not None:
         bases.append((upper_exp, "suffix"))
@@ -1100,7 +1113,7 @@ def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=N
     if rows:
         exact_d = xp.ones((*normaliser.shape[:-1], n, 1), dtype=q.dtype, device=device(q))
         op = _replace_normaliser(xp, op, exact_d)
-    return op, (prod if with_values is not None else None)
+    return op, prod
 
 
 def _replace_normaliser(xp, op, ones):
@@ -1198,11 +1211,8 @@ def conv_attention(
     _, _, _, v = validate_attention_inputs(q, k, v, causal=False)  # v in the common dtype
     tol = _tolerance(xp, q.dtype, tolerance)
     op, prod = _build(xp, q, k, rank, causal, probe, delta, scale, tol, with_values=v)
-    e = v.shape[-1]
-    d = prod[..., e : e + 1, :]
     # In place: prod is our own intermediate, and a fresh (e, n) array costs its page faults.
-    out = prod[..., :e, :]
-    out /= xp.where(d > 0, d, xp.ones_like(d))
-    out = xp.matrix_transpose(out)
+    prod /= op._safe_normaliser()[..., None, :]
+    out = xp.matrix_transpose(prod)
     pieces = [op._exact_weights(r, w) @ v[..., :w, :] for r, w in op._row_blocks()]
     return op._gather_rows(pieces, out)
