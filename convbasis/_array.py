@@ -221,9 +221,9 @@ def contiguous(xp, x):
 def scan_blocks(count):
     """How many blocks :func:`chunk_scan_map` should get for ``count`` chunks.
 
-    About 32 chunks per block (measured best on 2 cores for ``r = p = 64``, chunk 64: 1.8x
-    the unmasked product, against 2.0x and 2.8x for 16 and 64 chunks per block), but at least
-    two blocks per thread so that every thread has work.
+    About 32 chunks per block (measured on 2 cores for ``r = p = 64``, chunk 64: 1.7-1.8x the
+    unmasked product, against 1.9-2.0x with 16 and 1.8x with 64 chunks per block), but at
+    least two blocks per thread so that every thread has work.
     """
     return max(math.ceil(count / 32), min(count, 2 * _THREADS))
 
