@@ -8,6 +8,7 @@ public boundary and passes it to private helpers.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import math
@@ -31,7 +32,6 @@ __all__ = [
     "namespace",
     "resolve_scale",
     "rfft",
-    "scan_blocks",
     "sum_to_shape",
     "validate_attention_inputs",
 ]
@@ -206,6 +206,36 @@ def _blas_controller():
     return ThreadpoolController()
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """BLAS held to one thread while any caller is inside (the setting is process-wide, so
+    overlapping callers share one limit, taken by the first and released by the last).
+
+    With OpenBLAS (pthreads) a limit set from a thread other than the main one may not take
+    effect (threadpoolctl supports the main thread only); the pipeline's per-chunk products
+    are small enough that OpenBLAS runs them on one thread anyway (measured: the same time
+    for the ``n = 65536, r = p = 64`` masked product called from a worker thread).
+    """
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = _blas_controller().limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+
+
 def contiguous(xp, x):
     """``x`` in C order (a copy of a transposed NumPy view); other backends: ``x`` itself.
 
@@ -218,41 +248,40 @@ def contiguous(xp, x):
     return x
 
 
-def scan_blocks(count):
-    """How many blocks :func:`chunk_scan_map` should get for ``count`` chunks.
-
-    About 32 chunks per block (measured on 2 cores for ``r = p = 64``, chunk 64: 1.7-1.8x the
-    unmasked product, against 1.9-2.0x with 16 and 1.8x with 64 chunks per block), but at
-    least two blocks per thread so that every thread has work.
-    """
-    return max(math.ceil(count / 32), min(count, 2 * _THREADS))
+def _block_edges(count):
+    """Chunk boundaries of the pipeline's blocks: about 32 chunks each (measured on 2 cores
+    for ``r = p = 64``, chunk 64: 1.7-1.8x the unmasked product, against 1.9-2.0x with 16 and
+    1.8x with 64 chunks per block), and at least two blocks per thread when there are enough
+    chunks, so that every thread has work."""
+    blocks = max(math.ceil(count / 32), min(count, 2 * _THREADS))
+    return [count * i // blocks for i in range(blocks + 1)]
 
 
 def chunk_scan_map(xp, states, func, *arrays, reverse=False):
     """``func(*arrays, seen)`` where ``seen`` is the exclusive running sum of chunk states.
 
-    Every array has shape ``(..., blocks, group, chunk, w)``.  ``states(*arrays)`` returns
-    one ``r × p`` state per chunk, ``(..., blocks, group, r, p)``; ``seen`` has that shape and
-    holds for each chunk the sum of the states of the chunks before it in sequence order
-    (after it, when ``reverse``).  Both functions act on each chunk independently.
+    Every array has shape ``(..., count, chunk, w)``.  ``states(*arrays)`` returns one
+    ``r × p`` state per chunk, ``(..., count, r, p)``; ``seen`` has that shape and holds for
+    each chunk the sum of the states of the chunks before it (after it, when ``reverse``).
+    Both functions act on each chunk independently.
 
-    Other backends make one call of each function on all blocks.  NumPy runs stacked small
+    Other backends make one call of each function on all chunks.  NumPy runs stacked small
     matrix products on one core (each is too small for BLAS's own threads) and would stream
-    every state through memory, so for NumPy input the blocks are pipelined over
-    ``CONVBASIS_NUM_THREADS`` threads (default: the usable cores; BLAS held to one thread
-    per call): a block is finished while its data are in cache, and only the running sum
-    passes from block to block.
+    every state through memory, so for NumPy input the chunks go in blocks, pipelined over
+    ``CONVBASIS_NUM_THREADS`` threads (default: the usable cores; the calling thread is one
+    of them; BLAS held to one thread per call meanwhile, process-wide): each block is
+    finished while its data are in cache, and only the running sum passes from block to
+    block.
     """
-    blocks, group = arrays[0].shape[-4:-2]
+    count = arrays[0].shape[-3]
     small = sum(math.prod(a.shape) for a in arrays) < _THREADED_MIN_ELEMENTS
-    if not array_api_compat.is_numpy_namespace(xp) or blocks < 2 * _THREADS or small:
+    if not array_api_compat.is_numpy_namespace(xp) or count < 2 * _THREADS or small:
         s = states(*arrays)
-        flat = xp.reshape(s, (*s.shape[:-4], blocks * group, *s.shape[-2:]))
-        seen = exclusive_cumsum(xp, flat, axis=-3, reverse=reverse)
-        return func(*arrays, xp.reshape(seen, s.shape))
+        return func(*arrays, exclusive_cumsum(xp, s, axis=-3, reverse=reverse))
 
+    edges = _block_edges(count)
+    blocks = len(edges) - 1
     order = range(blocks - 1, -1, -1) if reverse else range(blocks)
-    steps = range(group - 1, -1, -1) if reverse else range(group)
     carries = [None] * (blocks + 1)  # carries[i]: the states of blocks order[:i], summed
     ready = [threading.Event() for _ in range(blocks + 1)]
     ready[0].set()
@@ -263,15 +292,15 @@ def chunk_scan_map(xp, states, func, *arrays, reverse=False):
 
     def run_block(i):
         nonlocal out
-        b = order[i]
-        part = tuple(a[..., b : b + 1, :, :, :] for a in arrays)
+        lo, hi = edges[order[i]], edges[order[i] + 1]
+        part = tuple(a[..., lo:hi, :, :] for a in arrays)
         s = states(*part)
         seen = xp.empty_like(s)
         ready[i].wait()
         if failed.is_set():
             return
         prev = None
-        for t in steps:
+        for t in range(hi - lo - 1, -1, -1) if reverse else range(hi - lo):
             if prev is not None:
                 xp.add(seen[..., prev, :, :], s[..., prev, :, :], out=seen[..., t, :, :])
             else:
@@ -282,9 +311,8 @@ def chunk_scan_map(xp, states, func, *arrays, reverse=False):
         result = func(*part, seen)
         with lock:
             if out is None:
-                shape = (*result.shape[:-4], blocks, *result.shape[-3:])
-                out = xp.empty(shape, dtype=result.dtype)
-        out[..., b : b + 1, :, :, :] = result
+                out = xp.empty((*result.shape[:-3], count, *result.shape[-2:]), dtype=result.dtype)
+        out[..., lo:hi, :, :] = result
 
     def worker():
         try:
@@ -300,12 +328,15 @@ def chunk_scan_map(xp, states, func, *arrays, reverse=False):
                 event.set()
             raise
 
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with _single_threaded_blas():
         helpers = [_thread_pool().submit(worker) for _ in range(_THREADS - 1)]
         try:
             worker()
         finally:
-            concurrent.futures.wait(helpers)
-        for helper in helpers:
+            # A helper still queued (the pool busy with other calls) is not needed any more:
+            # waiting for it could deadlock a call made from inside the pool.
+            started = [helper for helper in helpers if not helper.cancel()]
+            concurrent.futures.wait(started)
+        for helper in started:
             helper.result()  # re-raise a helper's error
     return out

@@ -4,10 +4,11 @@
 ``i`` is ``U[i] · Σ_{j<=i} V[j]ᵀ Z[j]``.  The chunked form below splits the rows into chunks
 of ``c``; inside a chunk the small ``c × c`` masked block is multiplied directly, and the
 chunks before it enter through an exclusive prefix sum of the ``r × p`` chunk states
-``V_tᵀ Z_t``, taken with one cumulative sum over chunks.
+``V_tᵀ Z_t`` (:func:`convbasis._array.chunk_scan_map`: one call over all chunks, or on NumPy
+blocks of chunks pipelined over threads).
 
-Cost ``O(n c (r + p) + n r p)``; memory ``O(n c + n r p / c)`` beyond inputs and outputs, never
-``O(n²)`` or ``O(n r p)``.
+Cost ``O(n c (r + p) + n r p)``; memory ``O(n c + n r p / c)`` beyond inputs and outputs (on
+NumPy's pipeline only a few blocks' worth), never ``O(n²)`` or ``O(n r p)``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 
 import array_api_extra as xpx
 
-from ._array import as_floating, check_rows, chunk_scan_map, contiguous, namespace, scan_blocks
+from ._array import as_floating, check_rows, chunk_scan_map, contiguous, namespace
 
 __all__ = [
     "face_splitting_product",
@@ -54,12 +55,12 @@ def _chunk_size(chunk, n, r, p):
     return min(chunk, n)
 
 
-def _in_chunks(xp, a, chunk, blocks, group):
-    """``(..., n, w)`` -> ``(..., blocks, group, chunk, w)``, zero-padding the end."""
-    pad = blocks * group * chunk - a.shape[-2]
+def _in_chunks(xp, a, chunk, count):
+    """``(..., n, w)`` -> ``(..., count, chunk, w)``, zero-padding the last chunk."""
+    pad = count * chunk - a.shape[-2]
     if pad:
         a = xpx.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pad), (0, 0)], xp=xp)
-    return xp.reshape(a, (*a.shape[:-2], blocks, group, chunk, a.shape[-1]))
+    return xp.reshape(a, (*a.shape[:-2], count, chunk, a.shape[-1]))
 
 
 def masked_product(xp, u, v, z, *, upper, strict, chunk):
@@ -93,15 +94,13 @@ def masked_product(xp, u, v, z, *, upper, strict, chunk):
         return out
 
     # MATH §1: chunk states S_t = V_tᵀ Z_t; each chunk sees their exclusive prefix (suffix)
-    # sum, which is taken block by block.
+    # sum.
     count = math.ceil(n / chunk)
-    group = math.ceil(count / scan_blocks(count))
-    blocks = math.ceil(count / group)
-    u_c, v_c, z_c = (_in_chunks(xp, a, chunk, blocks, group) for a in (u, v, z))
+    u_c, v_c, z_c = (_in_chunks(xp, a, chunk, count) for a in (u, v, z))
     if count == 1:
-        return diagonal_blocks(u_c, v_c, z_c)[..., 0, 0, :n, :]
+        return diagonal_blocks(u_c, v_c, z_c)[..., 0, :n, :]
     out = chunk_scan_map(xp, states, chunk_rows, u_c, v_c, z_c, reverse=upper)
-    return xp.reshape(out, (*out.shape[:-4], blocks * group * chunk, p))[..., :n, :]
+    return xp.reshape(out, (*out.shape[:-3], count * chunk, p))[..., :n, :]
 
 
 def masked_lowrank_matmul(u, v, z, /, *, transpose=False, strict=False, chunk=None):

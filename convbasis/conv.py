@@ -58,11 +58,10 @@ __all__ = [
     "recover_conv_basis",
 ]
 
-# Elements per block when rows are recomputed exactly (bounds the O(rows · n) work array;
-# blocks of this size, not 2^22, took half the time at n = 2^17: cache, and causal blocks
-# skip more of the masked triangle).  A block always takes at least _EXACT_MIN_ROWS rows.
+# Elements per block, batch included, when rows are recomputed exactly (bounds the
+# O(rows · n) work arrays; blocks of this size, not 2^22, took half the time at n = 2^17:
+# cache, and causal blocks skip more of the masked triangle).  A block has at least one row.
 _EXACT_BLOCK = 1 << 18
-_EXACT_MIN_ROWS = 16
 # Complex spectrum entries per block of FFT rows (cache-sized work arrays).
 _FFT_BLOCK = 1 << 22
 # Logit entries sampled to check the recovered basis against s · Q Kᵀ (O(samples · d)).
@@ -809,8 +808,7 @@ class ConvAttentionOperator:
     def _row_blocks(self):
         """Recomputed rows in blocks ``(rows, width)``: causal row ``r`` sees only ``r + 1``
         columns, so a block needs ``width = max(rows) + 1`` of them (``n`` if bidirectional);
-        blocks hold at most ``_EXACT_BLOCK`` entries per batch element, or ``_EXACT_MIN_ROWS``
-        rows."""
+        blocks hold at most ``_EXACT_BLOCK`` entries over all batch elements, or one row."""
         rows = self.recomputed_rows
         batch = math.prod(self.lower.vectors.shape[:-2]) or 1
         a = 0
@@ -818,7 +816,7 @@ class ConvAttentionOperator:
             b = a + 1
             while b < len(rows):
                 width = rows[b] + 1 if self.upper is None else self.n
-                if (b + 1 - a) * width * batch > _EXACT_BLOCK and b - a >= _EXACT_MIN_ROWS:
+                if (b + 1 - a) * width * batch > _EXACT_BLOCK:
                     break
                 b += 1
             yield rows[a:b], (rows[b - 1] + 1 if self.upper is None else self.n)
@@ -999,7 +997,7 @@ def _exact_weights(xp, lower, upper, rows, width):
     return w / xp.sum(w, axis=-1, keepdims=True)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=32)
 def _sample_pairs(n, count):
     """Deterministic pseudo-random pairs ``(a, b)``, ``a >= b``, of the lower triangle (all of
     them when there are at most ``count``)."""

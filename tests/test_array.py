@@ -76,9 +76,9 @@ def test_resolve_scale():
         resolve_scale(float("inf"), 4)
 
 
-def _scan_case(xp, rng, blocks, group):
-    a = xp.asarray(rng.standard_normal((3, blocks, group, 5, 4)))
-    b = xp.asarray(rng.standard_normal((blocks, group, 5, 6)))
+def _scan_case(xp, rng, count):
+    a = xp.asarray(rng.standard_normal((3, count, 5, 4)))
+    b = xp.asarray(rng.standard_normal((count, 5, 6)))
     mT = array_namespace(a).matrix_transpose
 
     def states(a, b):
@@ -89,63 +89,92 @@ def _scan_case(xp, rng, blocks, group):
 
     expected = []
     for reverse in (False, True):
-        s = np.asarray(mT(a) @ b).reshape(3, blocks * group, 4, 6)
-        csum = np.cumsum(s[:, ::-1] if reverse else s, axis=1) - (s[:, ::-1] if reverse else s)
-        seen = (csum[:, ::-1] if reverse else csum).reshape(3, blocks, group, 4, 6)
-        expected.append(np.asarray(a) @ seen + 1.0)
+        s = np.asarray(mT(a) @ b)
+        s = s[:, ::-1] if reverse else s
+        seen = np.cumsum(s, axis=1) - s
+        expected.append(np.asarray(a) @ (seen[:, ::-1] if reverse else seen) + 1.0)
     return a, b, states, func, expected
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_chunk_scan_map_paths_agree(xp, rng, monkeypatch, threads):
+@pytest.fixture
+def pipeline(monkeypatch):
+    """``pipeline(threads)``: NumPy input of any size takes the pipelined path."""
     import convbasis._array as array_module
 
-    monkeypatch.setattr(array_module, "_THREADED_MIN_ELEMENTS", 0)  # NumPy: pipelined path
-    monkeypatch.setattr(array_module, "_THREADS", threads)
-    array_module._thread_pool.cache_clear()
-    try:
-        a, b, states, func, expected = _scan_case(xp, rng, blocks=7, group=3)
-        for reverse, want in zip((False, True), expected, strict=True):
-            out = chunk_scan_map(array_namespace(a), states, func, a, b, reverse=reverse)
-            assert out.shape == (3, 7, 3, 5, 6)
-            assert_close(out, want, atol=1e-12)
-    finally:
+    def configure(threads):
+        monkeypatch.setattr(array_module, "_THREADED_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(array_module, "_THREADS", threads)
         array_module._thread_pool.cache_clear()
 
-
-def test_chunk_scan_map_error_in_a_block_propagates(rng, monkeypatch):
-    import convbasis._array as array_module
-
-    monkeypatch.setattr(array_module, "_THREADED_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(array_module, "_THREADS", 2)
+    yield configure
     array_module._thread_pool.cache_clear()
-    a, b, states, _, _ = _scan_case(np, rng, blocks=8, group=2)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("count", [2, 7, 100])
+def test_chunk_scan_map_paths_agree(xp, rng, pipeline, threads, count):
+    pipeline(threads)
+    a, b, states, func, expected = _scan_case(xp, rng, count)
+    for reverse, want in zip((False, True), expected, strict=True):
+        out = chunk_scan_map(array_namespace(a), states, func, a, b, reverse=reverse)
+        assert out.shape == (3, count, 5, 6)
+        assert_close(out, want, atol=1e-12)
+
+
+def test_chunk_scan_map_error_in_a_block_propagates(rng, pipeline):
+    pipeline(2)
+    a, b, states, _, _ = _scan_case(np, rng, 16)
 
     def failing(a, b, seen):
         if float(seen[..., 0, 0, 0].sum()) != 0.0:  # every block but the first
             raise RuntimeError("block failed")
         return a @ seen
 
-    try:
-        with pytest.raises(RuntimeError, match="block failed"):
-            chunk_scan_map(np, states, failing, a, b)
-    finally:
-        array_module._thread_pool.cache_clear()
+    with pytest.raises(RuntimeError, match="block failed"):
+        chunk_scan_map(np, states, failing, a, b)
 
 
-def test_chunk_scan_map_concurrent_callers_finish(rng, monkeypatch):
-    """Callers in several threads share the pool; no call may wait on another's work."""
-    import convbasis._array as array_module
+def test_chunk_scan_map_concurrent_and_nested_callers_finish(rng, pipeline):
+    """Callers in several threads share the pool, and a call may come from inside a block
+    (each block here has enough chunks to be pipelined again): no call may wait on work
+    queued behind another.  A deadlock fails the test by timeout."""
+    pipeline(3)
+    a, b, states, func, expected = _scan_case(np, rng, 64)
 
-    monkeypatch.setattr(array_module, "_THREADED_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(array_module, "_THREADS", 3)
-    array_module._thread_pool.cache_clear()
-    a, b, states, func, expected = _scan_case(np, rng, blocks=12, group=2)
+    def nested(a, b, seen):
+        inner = chunk_scan_map(np, states, func, a, b)  # a scan of this block's chunks alone
+        local = np.cumsum(states(a, b), axis=-3) - states(a, b)
+        assert_close(inner, func(a, b, local), atol=1e-12)
+        return func(a, b, seen)
+
     callers = ThreadPoolExecutor(6)
     try:
-        runs = [callers.submit(chunk_scan_map, np, states, func, a, b) for _ in range(12)]
+        runs = [callers.submit(chunk_scan_map, np, states, nested, a, b) for _ in range(6)]
+        runs += [callers.submit(chunk_scan_map, np, states, func, a, b) for _ in range(6)]
         for run in runs:
-            assert_close(run.result(timeout=60), expected[0], atol=1e-12)  # a deadlock fails
+            assert_close(run.result(timeout=60), expected[0], atol=1e-12)
     finally:
         callers.shutdown(wait=False, cancel_futures=True)
-        array_module._thread_pool.cache_clear()
+
+
+def test_single_threaded_blas_overlapping_callers_restore_the_setting():
+    """Call A enters, call B enters, A leaves, B leaves: BLAS stays at one thread until the
+    last one leaves, then ends as it began (the setting is process-wide)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from convbasis._array import _single_threaded_blas
+
+    def blas_threads():
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        if blas_threads() != {2}:
+            pytest.skip("no BLAS library whose threads threadpoolctl can set")
+        call_a, call_b = _single_threaded_blas(), _single_threaded_blas()
+        call_a.__enter__()
+        call_b.__enter__()
+        assert blas_threads() == {1}
+        call_a.__exit__(None, None, None)
+        assert blas_threads() == {1}  # B is still inside
+        call_b.__exit__(None, None, None)
+        assert blas_threads() == {2}
