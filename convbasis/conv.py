@@ -1109,14 +1109,15 @@ def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=N
         _upper_exp=upper_exp,
     )
     if rows:
-        exact_d = xp.ones((*normaliser.shape[:-1], n, 1), dtype=q.dtype, device=device(q))
-        op = _replace_normaliser(xp, op, exact_d)
+        op = _replace_normaliser(xp, op)
     return op, prod
 
 
-def _replace_normaliser(xp, op, ones):
+def _replace_normaliser(xp, op):
     """Recomputed rows get ``D_r = 1`` (their exact weights are already normalised)."""
-    d = op._gather_rows([ones[..., : len(op.recomputed_rows), :]], op.normaliser[..., None])
+    d = op.normaliser
+    ones = xp.ones((*d.shape[:-1], len(op.recomputed_rows), 1), dtype=d.dtype, device=device(d))
+    d = op._gather_rows([ones], d[..., None])
     return ConvAttentionOperator(
         op.lower,
         op.upper,
