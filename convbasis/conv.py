@@ -788,20 +788,15 @@ class ConvAttentionOperator:
         return namespace(self.lower.vectors)
 
     # -- raw products with C in the transposed layout ------------------------------------
-    def _c_matmul(self, zt):
-        xp, b = self._xp, self._lower_exp
-        out = _segment_matmul(xp, b._plan, b._spectra, b.vectors, zt, self.n)
-        if self._upper_exp is not None:
-            u = self._upper_exp
-            out = out + _segment_rmatmul(xp, u._plan, u._spectra, u.vectors, zt, self.n)
-        return out
-
-    def _c_rmatmul(self, zt):
-        xp, b = self._xp, self._lower_exp
-        out = _segment_rmatmul(xp, b._plan, b._spectra, b.vectors, zt, self.n)
-        if self._upper_exp is not None:
-            u = self._upper_exp
-            out = out + _segment_matmul(xp, u._plan, u._spectra, u.vectors, zt, self.n)
+    def _c_product(self, zt, *, transpose=False):
+        """``C Z`` (``Cᵀ Z`` if ``transpose``): the upper basis holds the strictly upper part
+        transposed, so it enters through the other one of the two products."""
+        products = (_segment_matmul, _segment_rmatmul)
+        lower, upper = products[::-1] if transpose else products
+        b, u = self._lower_exp, self._upper_exp
+        out = lower(self._xp, b._plan, b._spectra, b.vectors, zt, self.n)
+        if u is not None:
+            out = out + upper(self._xp, u._plan, u._spectra, u.vectors, zt, self.n)
         return out
 
     # -- exact rows ------------------------------------------------------------------------
@@ -893,7 +888,7 @@ class ConvAttentionOperator:
         """``f Z`` for ``z (..., n, p)``: ``O(k n p log n)`` plus ``O(n p)`` per recomputed row."""
         z = self._check(z, "z")
         xp = self._xp
-        out = self._c_matmul(xp.matrix_transpose(z)) / self._safe_normaliser()[..., None, :]
+        out = self._c_product(xp.matrix_transpose(z)) / self._safe_normaliser()[..., None, :]
         out = xp.matrix_transpose(out)
         pieces = [self._exact_weights(r, w) @ z[..., :w, :] for r, w in self._row_blocks()]
         return self._gather_rows(pieces, out)
@@ -903,7 +898,7 @@ class ConvAttentionOperator:
         z = self._check(z, "z")
         xp = self._xp
         scaled = z * (self._keep_mask(z.dtype) / self._safe_normaliser())[..., :, None]
-        out = xp.matrix_transpose(self._c_rmatmul(xp.matrix_transpose(scaled)))
+        out = xp.matrix_transpose(self._c_product(xp.matrix_transpose(scaled), transpose=True))
         for rows, width in self._row_blocks():
             idx = xp.asarray(rows, device=device(z))
             weights = xp.matrix_transpose(self._exact_weights(rows, width))
@@ -930,7 +925,7 @@ class ConvAttentionOperator:
         yt, zt, gt = (xp.matrix_transpose(a) for a in (y, z, g))
         stacked = yt[..., :, None, :] * zt[..., None, :, :]  # (..., r, p, n)
         flat = xp.reshape(stacked, (*stacked.shape[:-3], r * p, self.n))
-        prod = self._c_matmul(flat) / self._safe_normaliser()[..., None, :]
+        prod = self._c_product(flat) / self._safe_normaliser()[..., None, :]
         prod = xp.reshape(prod, (*prod.shape[:-2], r, p, self.n))
         out = xp.matrix_transpose(xp.sum(gt[..., :, None, :] * prod, axis=-3))
         pieces = []
@@ -947,7 +942,7 @@ class ConvAttentionOperator:
         yt, zt, gt = (xp.matrix_transpose(a) for a in (y, z, g))
         stacked = gt[..., :, None, :] * (zt * weight[..., None, :])[..., None, :, :]
         flat = xp.reshape(stacked, (*stacked.shape[:-3], r * p, self.n))
-        prod = self._c_rmatmul(flat)
+        prod = self._c_product(flat, transpose=True)
         prod = xp.reshape(prod, (*prod.shape[:-2], r, p, self.n))
         out = xp.matrix_transpose(xp.sum(yt[..., :, None, :] * prod, axis=-3))
         for rows, width in self._row_blocks():
@@ -1081,8 +1076,8 @@ def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=N
     dtype = q.dtype if with_values is None else with_values.dtype
     # D = C · 1 and C V as separate products: V enters in its transposed view, which the
     # FFT's zero-padding copies anyway (a concatenated [Vᵀ; 1] would cost one more pass).
-    normaliser = op._c_matmul(xp.ones((1, n), dtype=dtype, device=device(q)))[..., 0, :]
-    prod = None if with_values is None else op._c_matmul(xp.matrix_transpose(with_values))
+    normaliser = op._c_product(xp.ones((1, n), dtype=dtype, device=device(q)))[..., 0, :]
+    prod = None if with_values is None else op._c_product(xp.matrix_transpose(with_values))
     bases = [(lower_exp, "segment")]
     if upper_exp is not None:
         bases.append((upper_exp, "suffix"))
