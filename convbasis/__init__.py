@@ -15,36 +15,43 @@ from .conv import (
     conv_matmul,
     conv_operator,
     conv_rmatmul,
-    decompose,
-    fit,
+    decompose_conv_basis,
+    fit_conv_basis,
     recover_conv_basis,
 )
+from .exp_approximation import (
+    ExpApproximationError,
+    chebyshev_coefficients,
+    degree_for,
+    exp_approximation_error,
+    exp_coefficients,
+    taylor_coefficients,
+)
 from .gradients import attention_gradients, self_attention_gradients
+from .monomial_features import rank_for
 from .multipole import (
     MultipoleAttentionOperator,
     MultipoleGradients,
     multipole_attention,
     multipole_attention_backward,
     multipole_operator,
-    multipole_reference,
-    multipole_weights,
 )
 from .operators import AttentionOperator, DenseAttentionOperator, attention_operator
 from .polynomial import (
-    ExpApproximationError,
     LowRankAttentionOperator,
     LowRankFactors,
-    chebyshev_coefficients,
-    degree_for,
-    exp_approximation_error,
-    exp_coefficients,
     lowrank_attention,
     lowrank_factors,
     lowrank_operator,
-    rank_for,
-    taylor_coefficients,
 )
-from .reference import SelfAttentionGradients, attention, attention_backward, attention_weights
+from .reference import (
+    SelfAttentionGradients,
+    attention,
+    attention_backward,
+    attention_weights,
+    multipole_reference,
+    multipole_weights,
+)
 
 __version__ = "0.1.0"
 
@@ -70,12 +77,12 @@ __all__ = [
     "conv_matmul",
     "conv_operator",
     "conv_rmatmul",
-    "decompose",
+    "decompose_conv_basis",
     "degree_for",
     "exp_approximation_error",
     "exp_coefficients",
     "face_splitting_product",
-    "fit",
+    "fit_conv_basis",
     "lowrank_attention",
     "lowrank_factors",
     "lowrank_operator",

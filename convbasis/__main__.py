@@ -21,6 +21,7 @@ from .causal import masked_hadamard_matmul, masked_lowrank_matmul
 from .conv import ConvBasisWarning, conv_attention
 from .gradients import attention_gradients
 from .multipole import multipole_attention
+from .operators import METHODS, attention_operator
 from .polynomial import lowrank_attention
 from .testing import rotary_conv_instance
 
@@ -189,9 +190,11 @@ def _progress(stream, message):
 
 
 def _method_runners(args):
-    """Forward-attention callables by method name, configured from the command line."""
+    """Forward-attention callables for every method of :data:`METHODS`, configured from the
+    command line.  The built-in methods run their direct forward; any other registered method
+    runs ``attention_operator(q, k, method=...).matmul(v)``."""
     causal = not args.bidirectional
-    return {
+    runners = {
         "dense": lambda q, k, v: reference.attention(q, k, v, causal=causal, block=512),
         "lowrank": lambda q, k, v: lowrank_attention(
             q, k, v, causal=causal, eps=args.eps, scale=args.scale, max_rank=args.max_rank
@@ -203,6 +206,12 @@ def _method_runners(args):
             q, k, v, block=args.block, basis=args.basis, causal=causal, scale=args.scale
         ),
     }
+    for method in METHODS:
+        if method not in runners:
+            runners[method] = lambda q, k, v, m=method: attention_operator(
+                q, k, method=m, causal=causal, scale=args.scale
+            ).matmul(v)
+    return {method: runners[method] for method in METHODS}
 
 
 def _inputs(kind, n, d, dtype, rng):
@@ -308,7 +317,7 @@ def main(argv=None):
         "--method",
         nargs="+",
         default=["all"],
-        choices=["all", "dense", "lowrank", "conv", "multipole"],
+        choices=["all", *METHODS],
     )
     p_rep.add_argument("--bidirectional", action="store_true", help="no causal mask")
     p_rep.add_argument("--dtype", default="float32", choices=["float32", "float64"])

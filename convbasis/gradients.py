@@ -1,4 +1,4 @@
-"""Attention gradients through any attention operator (MATH.md §3).
+"""Attention gradients through any attention operator (docs/math.rst §3, §7).
 
 Every gradient is a product of ``f`` or ``fᵀ`` — optionally Hadamard-multiplied by the rank-``e``
 matrix ``G Yᵀ`` — with a tall matrix, so the code below is written once against the four
@@ -10,10 +10,14 @@ no ``n × n`` array on a fast path.
 from __future__ import annotations
 
 from ._array import check_last_dim, resolve_scale, sum_to_shape, validate_attention_inputs
-from .operators import attention_operator
+from .operators import attention_operator, check_method
 from .reference import SelfAttentionGradients, _validate_self_attention
 
-__all__ = ["attention_gradients", "self_attention_gradients"]
+__all__ = ["GRADIENTS", "attention_gradients", "self_attention_gradients"]
+
+
+GRADIENTS = ("exact-formula", "model")
+"""The two meanings of a fast method's gradient (docs/math.rst §7)."""
 
 
 def _delta(xp, op, y, g):
@@ -21,13 +25,74 @@ def _delta(xp, op, y, g):
     return xp.sum(g * op.matmul(y), axis=-1, keepdims=True)
 
 
-def attention_gradients(
-    q, k, v, grad_out, /, *, method="dense", causal=True, scale=None, **method_options
-):
-    """``(dq, dk, dv)`` of ``L(O)``, ``O = softmax(s Q Kᵀ) V``, through a structured ``f``.
+def _exact_formula(xp, q, k, v, g, *, method, causal, scale, **options):
+    op = attention_operator(q, k, method=method, causal=causal, scale=scale, **options)
+    delta = _delta(xp, op, v, g)
+    # P has zero row sums (f 1 = 1, (f ∘ G Vᵀ) 1 = δ): P K = P (K − 1 μᵀ), and the centred keys
+    # avoid cancellation between the two products when K has a large common component.
+    kc = k - xp.mean(k, axis=-2, keepdims=True)
+    dq = scale * (op.hadamard_matmul(g, v, kc) - delta * op.matmul(kc))
+    dk = scale * (op.hadamard_rmatmul(g, v, q) - op.rmatmul(delta * q))
+    return dq, dk, op.rmatmul(g)
 
-    With ``δ = rowsum(G ∘ O)`` and ``P = f ∘ G Vᵀ − diag(δ) f``: ``dq = s P K``,
-    ``dk = s Pᵀ Q``, ``dv = fᵀ G``, each evaluated as operator products.
+
+def _lowrank_model(xp, q, k, v, g, **options):
+    from .polynomial import model_gradients
+
+    return model_gradients(xp, q, k, v, g, **options)
+
+
+def _conv_model(xp, q, k, v, g, **options):
+    from .conv.gradient import model_gradients
+
+    return model_gradients(xp, q, k, v, g, **options)
+
+
+def _multipole_model(xp, q, k, v, g, **options):
+    from .multipole import multipole_attention_backward
+
+    grads = multipole_attention_backward(q, k, v, g, **options)
+    return grads.dq, grads.dk, grads.dv
+
+
+def _dense_model(xp, q, k, v, g, **options):
+    return _exact_formula(xp, q, k, v, g, method="dense", **options)
+
+
+_MODEL_GRADIENTS = {
+    "conv": _conv_model,
+    "dense": _dense_model,
+    "lowrank": _lowrank_model,
+    "multipole": _multipole_model,
+}
+
+
+def attention_gradients(
+    q,
+    k,
+    v,
+    grad_out,
+    /,
+    *,
+    method="dense",
+    gradient="exact-formula",
+    causal=True,
+    scale=None,
+    **method_options,
+):
+    """``(dq, dk, dv)`` of ``L(O)`` for attention ``O`` with a structured ``f``.
+
+    Two meanings (docs/math.rst §7), never mixed:
+
+    * ``gradient="exact-formula"`` (default): the gradient of *exact* attention with the
+      method's ``f̃`` put into the exact formulas.  With ``δ = rowsum(G ∘ O)`` and
+      ``P = f ∘ G Vᵀ − diag(δ) f``: ``dq = s P K``, ``dk = s Pᵀ Q``, ``dv = fᵀ G``, each
+      evaluated as operator products (the papers' route).
+    * ``gradient="model"``: the exact gradient of the method's *own* forward (what training
+      the approximated model needs; loss and gradient belong to one function).  Low-rank:
+      prefix products and the feature Jacobians, ``O(n r (e + c))``; conv basis: through the
+      recovered basis, ``O(k n (d + e) log n)``, the cost of the forward; multipole:
+      :func:`convbasis.multipole.multipole_attention_backward`; dense: both meanings agree.
 
     Parameters
     ----------
@@ -35,9 +100,10 @@ def attention_gradients(
     v : array ``(..., n, e)``
     grad_out : array ``(..., n, e)``
         ``∂L/∂O``.  Leading (batch, head) axes broadcast.
-    method : {"dense", "lowrank", "conv"}
+    method : {"dense", "lowrank", "conv", "multipole"}
         Structure of ``f``; ``method_options`` go to its constructor (see
         :func:`convbasis.operators.attention_operator`).
+    gradient : {"exact-formula", "model"}
     causal : bool
     scale : float, optional
         Default ``1/sqrt(d)``.
@@ -45,34 +111,38 @@ def attention_gradients(
     Returns
     -------
     (dq, dk, dv)
-        Shaped like ``q``, ``k``, ``v``.
+        Shaped like ``q``, ``k``, ``v``.  Exact-formula cost: that of the operator's products
+        (``O(n² d)`` dense, ``O(n r d²)`` low-rank, ``O(k n d² log n)`` conv basis).
 
     Notes
     -----
-    Error of ``method="lowrank"``: if ``|Ã − A| <= ε A`` entrywise (``ε`` the operator's
-    ``rel_error_bound``), then with ``η = 2ε/(1−ε)`` one has ``|f̃ − f| <= η f`` and, entrywise,
-    ``|P̃ − P| <= η (3 + η) ‖V‖_max diag(‖G_i‖₁) f``, hence ``|Δdq| <= s |ΔP| |K|``,
-    ``|Δdk| <= s |ΔP|ᵀ |Q|`` and ``|Δdv| <= η fᵀ |G|`` (tested).  Conv-basis gradients are exact
-    up to FFT round-off when the logits have an exact k-conv basis of the requested rank.
+    Error of ``method="lowrank"``, exact-formula: if ``|Ã − A| <= ε A`` entrywise (``ε`` the
+    operator's ``rel_error_bound``), then with ``η = 2ε/(1−ε)`` one has ``|f̃ − f| <= η f`` and,
+    entrywise, ``|P̃ − P| <= η (3 + η) ‖V‖_max diag(‖G_i‖₁) f``, hence ``|Δdq| <= s |ΔP| |K|``,
+    ``|Δdk| <= s |ΔP|ᵀ |Q|`` and ``|Δdv| <= η fᵀ |G|`` (tested).  Conv-basis exact-formula
+    gradients are exact up to FFT round-off when the logits have an exact k-conv basis of the
+    requested rank.  The model gradient of the conv basis differs from the exact gradient even
+    then: the model's logits depend on ``K`` only through the keys at the segment starts.
     """
     xp, q, k, v, g = validate_attention_inputs(
         q, k, v, causal=causal, extra=(grad_out,), extra_names=("grad_out",)
     )
     check_last_dim(g, "grad_out", v.shape[-1], "the value dimension of v")
+    if g.shape[-2] != q.shape[-2]:
+        raise ValueError(
+            f"grad_out must have as many rows as q ({q.shape[-2]}), got shape {g.shape}"
+        )
+    check_method(method)
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     s = resolve_scale(scale, q.shape[-1])
-    op = attention_operator(q, k, method=method, causal=causal, scale=s, **method_options)
-    delta = _delta(xp, op, v, g)
-    # P has zero row sums (f 1 = 1, (f ∘ G Vᵀ) 1 = δ): P K = P (K − 1 μᵀ), and the centred keys
-    # avoid cancellation between the two products when K has a large common component.
-    kc = k - xp.mean(k, axis=-2, keepdims=True)
-    dq = s * (op.hadamard_matmul(g, v, kc) - delta * op.matmul(kc))
-    dk = s * (op.hadamard_rmatmul(g, v, q) - op.rmatmul(delta * q))
-    dv = op.rmatmul(g)
-    return (
-        sum_to_shape(xp, dq, q.shape),
-        sum_to_shape(xp, dk, k.shape),
-        sum_to_shape(xp, dv, v.shape),
-    )
+    if gradient == "model":
+        grads = _MODEL_GRADIENTS[method](xp, q, k, v, g, causal=causal, scale=s, **method_options)
+    else:
+        grads = _exact_formula(
+            xp, q, k, v, g, method=method, causal=causal, scale=s, **method_options
+        )
+    return tuple(sum_to_shape(xp, x, a.shape) for x, a in zip(grads, (q, k, v), strict=True))
 
 
 def self_attention_gradients(

@@ -17,10 +17,11 @@ Definitions (``m = block``, ``p = basis``, ``N`` the padded length, ``s`` the sc
   ``v̄_r = g_r Σ_t κ_t v_{r c_ℓ + t}`` (padding rows are zero).  Its unnormalised weight for
   query ``i`` is ``cnt_r · exp(s q_i·k̄_r − M_i)``; ``M_i`` is the query's maximum over all
   levels, the normaliser ``Z_i`` sums the weights of every level.
-* The equivalent ``n × n`` matrix (:func:`multipole_weights`) is ``f = A / Z`` with
-  ``A[i, j] = exp(s q_i·k_j − M_i)`` on the near field and ``A[i, j] = ρ_j exp(s q_i·k̄_r −
-  M_i)`` for a key ``j = r c_ℓ + t`` seen through level ``ℓ``, ``ρ_j = 1`` (mean) or
-  ``c_ℓ κ_t`` (supplied).  With ``"mean"`` the rows of ``f`` sum to one.
+* The equivalent ``n × n`` matrix (:func:`convbasis.reference.multipole_weights`) is
+  ``f = A / Z`` with ``A[i, j] = exp(s q_i·k_j − M_i)`` on the near field and
+  ``A[i, j] = ρ_j exp(s q_i·k̄_r − M_i)`` for a key ``j = r c_ℓ + t`` seen through level
+  ``ℓ``, ``ρ_j = 1`` (mean) or ``c_ℓ κ_t`` (supplied).  With ``"mean"`` the rows of ``f`` sum
+  to one.
 
 Padding: ``n`` is padded with zero rows to ``N = block · 2^⌈log2⌈n/block⌉⌉``.  Padded keys get
 zero weight (masked in the near field, left out of ``cnt_r`` and of the pooled means in the far
@@ -43,6 +44,7 @@ from typing import Any
 from array_api_compat import device
 
 from ._array import as_floating, check_last_dim, check_rows, namespace, resolve_scale, sum_to_shape
+from .operators import check_operands, hadamard_product
 
 __all__ = [
     "MultipoleAttentionOperator",
@@ -50,16 +52,8 @@ __all__ = [
     "kernel_shapes",
     "multipole_attention",
     "multipole_attention_backward",
-    "multipole_masks",
     "multipole_operator",
-    "multipole_reference",
-    "multipole_weights",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Options and validation
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -191,11 +185,6 @@ def _broadcast_and_pad(xp, plan, arrays):
             a = xp.concat([a, pad], axis=-2)
         out.append(a)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Levels: token gathering (a linear map of keys/values) and its adjoint
-# --------------------------------------------------------------------------------------------
 
 
 def _shift(xp, x, step, axis):
@@ -400,11 +389,6 @@ def _forward(xp, plan, kernels, q, k, v, scale, *, with_output=True):
     return out, lse
 
 
-# --------------------------------------------------------------------------------------------
-# Public API: forward, backward, operator
-# --------------------------------------------------------------------------------------------
-
-
 _PARAMS_DOC = """
     block : int
         Block size ``m`` (a power of two): near-field boxes and the finest far-field box.
@@ -538,7 +522,8 @@ class MultipoleAttentionOperator:
     """The normalised FMA weight matrix ``f`` (``(..., n, n)``) as an operator.
 
     Build with :func:`multipole_operator`.  ``matmul(z) = f z`` and ``rmatmul(z) = fᵀ z`` cost
-    ``O(n (m + p log(n/m)) e)`` for ``z (..., n, e)``; ``to_dense()`` is ``O(n²)``, for tests.
+    ``O(n (m + p log(n/m)) e)`` for ``z (..., n, e)``, the Hadamard products with a rank-``s``
+    ``G Yᵀ`` ``s`` times that; ``to_dense()`` is ``O(n²)``, for tests.
 
     Attributes
     ----------
@@ -562,14 +547,11 @@ class MultipoleAttentionOperator:
 
     @property
     def shape(self):
+        """``(*batch, n, n)``, the shape of :meth:`to_dense`."""
         return (*self.q.shape[:-2], self.n, self.n)
 
     def _setup(self, z, name):
-        xp = namespace(self.q, z)
-        check_rows(z, name)
-        if z.shape[-2] != self.n:
-            raise ValueError(f"{name} must have {self.n} rows (..., n, e), got shape {z.shape}")
-        (z,) = as_floating(xp, (z,), (name,))
+        xp, (z,) = check_operands(self.q, {name: z}, rows={name: self.n})
         plan = _plan(self.n, self.block, self.basis, self.causal)
         try:
             xp.broadcast_shapes(self.q.shape[:-2], z.shape[:-2])
@@ -605,6 +587,24 @@ class MultipoleAttentionOperator:
         for lev, w in self._terms(xp, plan, q, k, lse):
             out = out + lev.scatter(xp.matrix_transpose(lev.flat(w)) @ lev.split(zp))
         return out[..., : self.n, :]
+
+    def _hadamard_operands(self, g, y, z):
+        rows = dict.fromkeys("gyz", self.n)
+        xp, arrays = check_operands(self.q, {"g": g, "y": y, "z": z}, rows=rows, hadamard=True)
+        return (xp, *arrays)
+
+    def hadamard_matmul(self, g, y, z, /):
+        """``(f ∘ G Yᵀ) z = Σ_l diag(G_l) f diag(Y_l) z``; ``g, y (..., n, s)``, ``z (..., n, e)``.
+
+        Products of ``f`` with ``s e`` columns in all (docs/math.rst §3).
+        """
+        xp, g, y, z = self._hadamard_operands(g, y, z)
+        return hadamard_product(xp, self.matmul, g, y, z)
+
+    def hadamard_rmatmul(self, g, y, z, /):
+        """``(f ∘ G Yᵀ)ᵀ z = Σ_l diag(Y_l) fᵀ diag(G_l) z`` (as :meth:`hadamard_matmul`)."""
+        xp, g, y, z = self._hadamard_operands(g, y, z)
+        return hadamard_product(xp, self.rmatmul, y, g, z)
 
     def to_dense(self):
         """The ``(..., n, n)`` matrix ``f`` (``matmul`` of the identity; ``O(n²)``)."""
@@ -644,139 +644,10 @@ def multipole_operator(q, k, /, *, block=64, basis=4, causal=True, downsample="m
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Dense-mask oracle
-# --------------------------------------------------------------------------------------------
-
-
-def _level_masks(xp, plan, dev):
-    """Boolean ``(N, N)`` masks of levels ``0 … L`` from the FMM definition (MATH §6).
-
-    Level 0: ``|b_i − b_j| <= 1`` for blocks of ``m``.  Level ``ℓ``: boxes of ``w_ℓ``; the key's
-    box is a child of a neighbour of the query box's parent, but not a neighbour of the query
-    box itself.  Causal: only ``j <= i`` (near) or boxes before the query's box (far).
-    """
-    i = xp.arange(plan.padded, device=dev)[:, None]
-    j = xp.arange(plan.padded, device=dev)[None, :]
-    bi, bj = i // plan.block, j // plan.block
-    near = xp.abs(bi - bj) <= 1
-    masks = [near & (j <= i) if plan.causal else near]
-    for level in range(1, plan.levels + 1):
-        w = plan.box(level)
-        box_i, box_j = i // w, j // w
-        listed = (xp.abs(box_i // 2 - box_j // 2) <= 1) & (xp.abs(box_i - box_j) > 1)
-        masks.append(listed & (box_j < box_i) if plan.causal else listed)
-    return masks
-
-
-def multipole_masks(n, /, *, xp, block=64, basis=4, causal=True, device=None):
-    """Which level covers each (query, key) pair: a tuple of ``L + 1`` boolean ``(n, n)`` masks.
-
-    Mask 0 is the near field, mask ``ℓ`` the far-field level ``ℓ``.  Every pair ``(i, j)``
-    (``j <= i`` when ``causal``) is covered by exactly one level; the others by none.
-
-    Parameters
-    ----------
-    n : int
-        Sequence length (the levels are those of the padded length).
-    xp : array namespace
-        Namespace of the result.
-    block, basis, causal
-        As in :func:`multipole_attention` (``basis`` is only validated).
-    device : optional
-        Device of the result.
-    """
-    plan = _plan(_positive_int(n, "n"), block, basis, causal)
-    return tuple(mask[:n, :n] for mask in _level_masks(xp, plan, device))
-
-
-def multipole_weights(q, k, /, *, block=64, basis=4, causal=True, downsample="mean", scale=None):
-    """The dense ``(..., n, n)`` FMA weight matrix ``f`` (the oracle; ``O(n² L d)``).
-
-    Built per key from :func:`multipole_masks` and the pooled tokens: entry ``(i, j)`` at the
-    level that covers it, as defined in the module docstring, with one maximum subtracted per
-    row over all levels.
-
-    Parameters
-    ----------
-    q, k : arrays ``(..., n, d)``
-    {params}
-    """
-    xp, plan, (q, k), kernels = _prepare(
-        (q, k), ("q", "k"), block=block, basis=basis, causal=causal, downsample=downsample
-    )
-    s = resolve_scale(scale, q.shape[-1])
-    qp, kp = _broadcast_and_pad(xp, plan, (q, k))
-    dev = device(qp)
-    big, n = plan.padded, plan.n
-    masks = _level_masks(xp, plan, dev)
-    real = xp.arange(big, device=dev)[None, :] < n
-    minus_inf = xp.asarray(-xp.inf, dtype=qp.dtype, device=dev)
-    logits = xp.where(masks[0] & real, s * (qp @ xp.matrix_transpose(kp)), minus_inf)
-    factor = xp.ones((big,), dtype=qp.dtype, device=dev)
-    factors = [factor]
-    for level in range(1, plan.levels + 1):
-        c = plan.chunk(level)
-        kr = xp.reshape(kp, (*kp.shape[:-2], big // c, c, kp.shape[-1]))
-        count = xp.astype(xp.clip(n - xp.arange(big // c, device=dev) * c, 0, c), qp.dtype)
-        count = xp.maximum(count, xp.ones_like(count))
-        if kernels is None:
-            pooled = xp.sum(kr, axis=-2) / count[:, None]
-            factors.append(factor)
-        else:
-            w = kernels[level - 1]
-            pooled = xp.sum(kr * w[:, None], axis=-2) * (c / count)[:, None]
-            # ρ_j = c_ℓ κ_t for key j = r c_ℓ + t
-            factors.append(c * xp.reshape(xp.broadcast_to(w, (big // c, c)), (big,)))
-        per_key = xp.reshape(
-            xp.broadcast_to(pooled[..., None, :], (*pooled.shape[:-1], c, pooled.shape[-1])),
-            kp.shape,
-        )
-        level_logits = s * (qp @ xp.matrix_transpose(per_key))
-        logits = xp.where(masks[level] & real, level_logits, logits)
-    row_max = xp.max(logits, axis=-1, keepdims=True)
-    row_max = xp.where(xp.isfinite(row_max), row_max, xp.zeros_like(row_max))
-    e = xp.exp(logits - row_max)
-    total = xp.sum(e, axis=-1, keepdims=True)
-    rho = factors[0]
-    for level in range(1, plan.levels + 1):
-        rho = xp.where(masks[level], factors[level][None, :], rho)
-    f = e * rho / xp.where(total > 0, total, xp.ones_like(total))
-    return f[..., :n, :n]
-
-
-def multipole_reference(
-    q, k, v, /, *, block=64, basis=4, causal=True, downsample="mean", scale=None
-):
-    """``multipole_weights(q, k, ...) @ v``: the dense oracle for :func:`multipole_attention`.
-
-    ``O(n² (L d + e))`` time and ``O(n²)`` memory; for tests on small ``n``.
-    """
-    _, _, (q, k, v), kernels = _prepare(
-        (q, k, v),
-        ("q", "k", "v"),
-        block=block,
-        basis=basis,
-        causal=causal,
-        downsample=downsample,
-    )
-    f = multipole_weights(
-        q,
-        k,
-        block=block,
-        basis=basis,
-        causal=causal,
-        downsample="mean" if kernels is None else kernels,
-        scale=scale,
-    )
-    return f @ v
-
-
 for _func in (
     multipole_attention,
     multipole_attention_backward,
     multipole_operator,
-    multipole_weights,
 ):
     if _func.__doc__:  # None under python -OO
         _func.__doc__ = _func.__doc__.replace("{params}", _PARAMS_DOC.strip("\n").lstrip())

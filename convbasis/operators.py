@@ -1,41 +1,58 @@
 """The attention-operator protocol and the registry of structured implementations.
 
 Normalised attention ``f = D⁻¹ A`` enters forward attention and all five gradient terms only
-through four products (MATH.md §3):
+through four products (docs/math.rst §3):
 
 * ``matmul(z)`` — ``f Z``
 * ``rmatmul(z)`` — ``fᵀ Z``
 * ``hadamard_matmul(g, y, z)`` — ``(f ∘ G Yᵀ) Z``
 * ``hadamard_rmatmul(g, y, z)`` — ``(f ∘ G Yᵀ)ᵀ Z``
 
-so gradients are written once against this protocol.  Implementations: dense (this module,
-from the reference oracle), low-rank (:mod:`convbasis.polynomial`) and k-conv basis
-(:mod:`convbasis.conv`).  A new structure plugs in by implementing the four products and
+and every operator has ``shape == to_dense().shape == (*batch, n, m)``.  Gradients are written
+once against this protocol.  Implementations: dense (this module, from the reference oracle),
+low-rank (:mod:`convbasis.polynomial`), k-conv basis (:mod:`convbasis.conv`) and Fast Multipole
+Attention (:mod:`convbasis.multipole`).  A new structure plugs in by implementing ``matmul`` and
+``rmatmul`` (the Hadamard products follow from them through :func:`hadamard_product`) and
 registering a constructor in :data:`METHODS`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from array_api_compat import array_namespace
-
-from ._array import resolve_scale, validate_attention_inputs
-from .reference import _weights
+from ._array import (
+    as_floating,
+    check_last_dim,
+    check_rows,
+    namespace,
+    resolve_scale,
+    validate_attention_inputs,
+)
 
 __all__ = [
     "METHODS",
     "AttentionOperator",
     "DenseAttentionOperator",
     "attention_operator",
+    "check_operands",
     "dense_operator",
+    "hadamard_product",
 ]
+
+# Entries of the stacked ``(..., m, w·p)`` operand of one product in :func:`hadamard_product`:
+# few large products (one FFT or prefix-product pass over many columns) without holding all
+# ``s·p`` columns at once (n = 2^15, s = p = 64 would be 512 MiB in float32).
+_HADAMARD_BLOCK = 1 << 23
 
 
 @runtime_checkable
 class AttentionOperator(Protocol):
-    """Normalised attention ``f (..., n, n)`` known through its products with ``(..., n, p)``."""
+    """Normalised attention ``f (..., n, m)`` known through its products with ``(..., ·, p)``."""
+
+    @property
+    def shape(self): ...
 
     def matmul(self, z): ...
 
@@ -48,30 +65,108 @@ class AttentionOperator(Protocol):
     def to_dense(self): ...
 
 
+def check_operands(owner, operands, *, rows, hadamard=False):
+    """Validate the operands of an operator product; promote them to ``owner``'s dtype.
+
+    ``operands`` maps names to arrays that must be ``(..., rows[name], ·)``, floating, from
+    ``owner``'s library and device.  ``hadamard``: ``y`` must be as wide as ``g``.  Returns
+    ``(xp, arrays)`` with every array in the common dtype of ``owner`` and the operands.
+    """
+    names, arrays = tuple(operands), tuple(operands.values())
+    xp = namespace(owner, *arrays)
+    for a, name in zip(arrays, names, strict=True):
+        check_rows(a, name)
+        if a.shape[-2] != rows[name]:
+            raise ValueError(
+                f"{name} must have {rows[name]} rows (..., {rows[name]}, p) like the operator, "
+                f"got shape {a.shape}"
+            )
+    if hadamard:
+        check_last_dim(operands["y"], "y", operands["g"].shape[-1], "the width of g")
+    arrays = as_floating(xp, arrays, names)
+    dtype = xp.result_type(owner, *arrays)
+    return xp, tuple(a if a.dtype == dtype else xp.astype(a, dtype) for a in arrays)
+
+
+def hadamard_product(xp, product, g, y, z):
+    """``Σ_l diag(G_l) F diag(Y_l) Z`` for the linear map ``F`` applied by ``product``.
+
+    ``F ∘ G Yᵀ`` never exists: its product with ``Z`` is that of ``F`` with the ``(..., m, s·p)``
+    matrix ``[Y_l ∘ Z]_l``, weighted by ``G_l`` and summed (docs/math.rst §1, §3).  The ``s``
+    columns go in groups whose stacked operand holds about ``2^23`` entries, so a structured
+    ``F`` runs few large products.  The transposed product ``(F ∘ G Yᵀ)ᵀ Z`` is
+    ``hadamard_product(xp, F_transpose, y, g, z)``.
+
+    Parameters
+    ----------
+    xp : array namespace
+    product : callable
+        ``(..., m, w) -> (..., n, w)``; applied to blocks of the stacked operand.
+    g : array ``(..., n, s)``
+    y : array ``(..., m, s)``
+    z : array ``(..., m, p)``
+
+    Returns
+    -------
+    array ``(..., n, p)``
+        ``⌈s p m B / 2^23⌉`` calls of ``product`` on ``s p`` columns in all (``B`` the batch
+        size), plus ``O((n + m) s p)`` elementwise work.
+    """
+    s, p, m = g.shape[-1], z.shape[-1], z.shape[-2]
+    batch = math.prod(xp.broadcast_shapes(y.shape[:-2], z.shape[:-2]))
+    group = max(1, _HADAMARD_BLOCK // max(m * p * batch, 1))
+    out = None
+    for lo in range(0, s, group):
+        hi = min(lo + group, s)
+        stacked = y[..., :, lo:hi, None] * z[..., :, None, :]  # (..., m, w, p)
+        flat = xp.reshape(stacked, (*stacked.shape[:-2], (hi - lo) * p))
+        res = product(flat)
+        res = xp.reshape(res, (*res.shape[:-1], hi - lo, p))
+        term = xp.sum(g[..., :, lo:hi, None] * res, axis=-2)
+        out = term if out is None else out + term
+    return out
+
+
 @dataclass(frozen=True)
 class DenseAttentionOperator:
-    """``f`` held as an explicit ``(..., n, n)`` array: the ``O(n²)`` oracle of the protocol.
+    """``f`` held as an explicit ``(..., n, m)`` array: the ``O(n m)`` oracle of the protocol.
 
-    Every product costs ``O(n² p)`` (Hadamard products ``O(n² (s + p))``).
+    Every product costs ``O(n m p)`` (Hadamard products ``O(n m (s + p))``).
     """
 
     weights: Any
 
-    def _xp(self):
-        return array_namespace(self.weights)
+    @property
+    def shape(self):
+        """``(*batch, n, m)``, the shape of :meth:`to_dense`."""
+        return tuple(self.weights.shape)
 
-    def matmul(self, z):
-        return self.weights @ z
+    def _operands(self, transpose, **operands):
+        n, m = self.shape[-2:]
+        rows = {"g": n, "y": m, "z": n if transpose else m}
+        xp, arrays = check_operands(self.weights, operands, rows=rows, hadamard="g" in operands)
+        f = (
+            self.weights
+            if arrays[0].dtype == self.weights.dtype
+            else xp.astype(self.weights, arrays[0].dtype)
+        )
+        return xp, (xp.matrix_transpose(f) if transpose else f), arrays
 
-    def rmatmul(self, z):
-        return self._xp().matrix_transpose(self.weights) @ z
+    def matmul(self, z, /):
+        _, f, (z,) = self._operands(False, z=z)
+        return f @ z
 
-    def hadamard_matmul(self, g, y, z):
-        return (self.weights * (g @ self._xp().matrix_transpose(y))) @ z
+    def rmatmul(self, z, /):
+        _, ft, (z,) = self._operands(True, z=z)
+        return ft @ z
 
-    def hadamard_rmatmul(self, g, y, z):
-        mT = self._xp().matrix_transpose
-        return mT(self.weights * (g @ mT(y))) @ z
+    def hadamard_matmul(self, g, y, z, /):
+        xp, f, (g, y, z) = self._operands(False, g=g, y=y, z=z)
+        return (f * (g @ xp.matrix_transpose(y))) @ z
+
+    def hadamard_rmatmul(self, g, y, z, /):
+        xp, ft, (g, y, z) = self._operands(True, g=g, y=y, z=z)
+        return (ft * (y @ xp.matrix_transpose(g))) @ z
 
     def to_dense(self):
         return self.weights
@@ -92,6 +187,8 @@ def dense_operator(q, k, /, *, causal=True, scale=None):
     DenseAttentionOperator
         ``O(n² d)`` time, ``O(n²)`` memory.
     """
+    from .reference import _weights  # reference imports multipole, which imports this module
+
     xp, q, k, _ = validate_attention_inputs(q, k, k, causal=causal)
     return DenseAttentionOperator(_weights(xp, q, k, resolve_scale(scale, q.shape[-1]), causal, 0))
 
@@ -108,8 +205,21 @@ def _conv(q, k, /, **options):
     return conv_operator(q, k, **options)
 
 
-METHODS = {"dense": dense_operator, "lowrank": _lowrank, "conv": _conv}
+def _multipole(q, k, /, **options):
+    from .multipole import multipole_operator
+
+    return multipole_operator(q, k, **options)
+
+
+METHODS = {"dense": dense_operator, "lowrank": _lowrank, "conv": _conv, "multipole": _multipole}
 """Operator constructors by method name; each takes ``(q, k, /, *, causal, scale, ...)``."""
+
+
+def check_method(method):
+    """``method`` if registered in :data:`METHODS`, else a ``ValueError`` listing the valid ones."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown attention method {method!r}; valid methods: {sorted(METHODS)}")
+    return method
 
 
 def attention_operator(q, k, /, *, method="dense", causal=True, scale=None, **options):
@@ -118,10 +228,12 @@ def attention_operator(q, k, /, *, method="dense", causal=True, scale=None, **op
     Parameters
     ----------
     q, k : arrays ``(..., n, d)``
-    method : {"dense", "lowrank", "conv"}
+    method : {"dense", "lowrank", "conv", "multipole"}
         ``"lowrank"`` takes the options of :func:`convbasis.polynomial.lowrank_operator`
         (``eps`` or ``degree``, ``kind``, ``max_rank``); ``"conv"`` those of
-        :func:`convbasis.conv.conv_operator` (``rank``, ``probe``, ``delta``).
+        :func:`convbasis.conv.conv_operator` (``rank``, ``probe``, ``delta``, ``tolerance``);
+        ``"multipole"`` those of :func:`convbasis.multipole.multipole_operator` (``block``,
+        ``basis``, ``downsample``).
     causal : bool
     scale : float, optional
 
@@ -129,12 +241,7 @@ def attention_operator(q, k, /, *, method="dense", causal=True, scale=None, **op
     -------
     AttentionOperator
     """
-    try:
-        build = METHODS[method]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown attention method {method!r}; valid methods: {sorted(METHODS)}"
-        ) from None
+    build = METHODS[check_method(method)]
     if method == "dense" and options:
         raise TypeError(f"the dense method takes no options, got {sorted(options)}")
     return build(q, k, causal=causal, scale=scale, **options)

@@ -1,7 +1,8 @@
-"""Dense O(n²) oracles: softmax attention, its backward, and the five gradient terms.
+"""Dense O(n²) oracles: softmax attention, its backward, the five gradient terms, and the
+``n × n`` weights of Fast Multipole Attention.
 
-Every fast path in the library is tested against these functions (MATH.md §0, §3).  They are
-written for clarity and numerical robustness, not speed: each row subtracts its own maximum
+Every fast path in the library is tested against these functions (docs/math.rst §0, §3, §6).
+They are written for clarity and numerical robustness, not speed: each row subtracts its own maximum
 before ``exp``, so logits of magnitude ``1e4`` give finite, correct results in float32.
 A ``block`` option processes queries ``block`` rows at a time, keeping memory at
 ``O(n · block)`` instead of ``O(n²)``.
@@ -24,12 +25,16 @@ from ._array import (
     sum_to_shape,
     validate_attention_inputs,
 )
+from .multipole import _PARAMS_DOC, _broadcast_and_pad, _plan, _positive_int, _prepare
 
 __all__ = [
     "SelfAttentionGradients",
     "attention",
     "attention_backward",
     "attention_weights",
+    "multipole_masks",
+    "multipole_reference",
+    "multipole_weights",
     "self_attention_gradients",
 ]
 
@@ -266,4 +271,134 @@ def self_attention_gradients(x, w_q, w_k, w_v, grad_out, /, *, causal=True, scal
         dw_q=sum_to_shape(xp, dw @ w_k, w_q.shape),
         dw_k=sum_to_shape(xp, mT(dw) @ w_q, w_k.shape),
         dw_v=sum_to_shape(xp, mT(x) @ mT(f) @ g, w_v.shape),
+    )
+
+
+def _level_masks(xp, plan, dev):
+    """Boolean ``(N, N)`` masks of levels ``0 … L`` from the FMM definition (docs/math.rst §6).
+
+    Level 0: ``|b_i − b_j| <= 1`` for blocks of ``m``.  Level ``ℓ``: boxes of ``w_ℓ``; the key's
+    box is a child of a neighbour of the query box's parent, but not a neighbour of the query
+    box itself.  Causal: only ``j <= i`` (near) or boxes before the query's box (far).
+    """
+    i = xp.arange(plan.padded, device=dev)[:, None]
+    j = xp.arange(plan.padded, device=dev)[None, :]
+    bi, bj = i // plan.block, j // plan.block
+    near = xp.abs(bi - bj) <= 1
+    masks = [near & (j <= i) if plan.causal else near]
+    for level in range(1, plan.levels + 1):
+        w = plan.box(level)
+        box_i, box_j = i // w, j // w
+        listed = (xp.abs(box_i // 2 - box_j // 2) <= 1) & (xp.abs(box_i - box_j) > 1)
+        masks.append(listed & (box_j < box_i) if plan.causal else listed)
+    return masks
+
+
+def multipole_masks(n, /, *, xp, block=64, basis=4, causal=True, device=None):
+    """Which level covers each (query, key) pair: a tuple of ``L + 1`` boolean ``(n, n)`` masks.
+
+    Mask 0 is the near field, mask ``ℓ`` the far-field level ``ℓ``.  Every pair ``(i, j)``
+    (``j <= i`` when ``causal``) is covered by exactly one level; the others by none.
+
+    Parameters
+    ----------
+    n : int
+        Sequence length (the levels are those of the padded length).
+    xp : array namespace
+        Namespace of the result.
+    block, basis, causal
+        As in :func:`multipole_attention` (``basis`` is only validated).
+    device : optional
+        Device of the result.
+    """
+    plan = _plan(_positive_int(n, "n"), block, basis, causal)
+    return tuple(mask[:n, :n] for mask in _level_masks(xp, plan, device))
+
+
+def multipole_weights(q, k, /, *, block=64, basis=4, causal=True, downsample="mean", scale=None):
+    """The dense ``(..., n, n)`` FMA weight matrix ``f`` (the oracle; ``O(n² L d)``).
+
+    Built per key from :func:`multipole_masks` and the pooled tokens: entry ``(i, j)`` at the
+    level that covers it, as defined in the module docstring, with one maximum subtracted per
+    row over all levels.
+
+    Parameters
+    ----------
+    q, k : arrays ``(..., n, d)``
+    {params}
+    """
+    xp, plan, (q, k), kernels = _prepare(
+        (q, k), ("q", "k"), block=block, basis=basis, causal=causal, downsample=downsample
+    )
+    s = resolve_scale(scale, q.shape[-1])
+    qp, kp = _broadcast_and_pad(xp, plan, (q, k))
+    dev = device(qp)
+    big, n = plan.padded, plan.n
+    masks = _level_masks(xp, plan, dev)
+    real = xp.arange(big, device=dev)[None, :] < n
+    minus_inf = xp.asarray(-xp.inf, dtype=qp.dtype, device=dev)
+    logits = xp.where(masks[0] & real, s * (qp @ xp.matrix_transpose(kp)), minus_inf)
+    factor = xp.ones((big,), dtype=qp.dtype, device=dev)
+    factors = [factor]
+    for level in range(1, plan.levels + 1):
+        c = plan.chunk(level)
+        kr = xp.reshape(kp, (*kp.shape[:-2], big // c, c, kp.shape[-1]))
+        count = xp.astype(xp.clip(n - xp.arange(big // c, device=dev) * c, 0, c), qp.dtype)
+        count = xp.maximum(count, xp.ones_like(count))
+        if kernels is None:
+            pooled = xp.sum(kr, axis=-2) / count[:, None]
+            factors.append(factor)
+        else:
+            w = kernels[level - 1]
+            pooled = xp.sum(kr * w[:, None], axis=-2) * (c / count)[:, None]
+            # ρ_j = c_ℓ κ_t for key j = r c_ℓ + t
+            factors.append(c * xp.reshape(xp.broadcast_to(w, (big // c, c)), (big,)))
+        per_key = xp.reshape(
+            xp.broadcast_to(pooled[..., None, :], (*pooled.shape[:-1], c, pooled.shape[-1])),
+            kp.shape,
+        )
+        level_logits = s * (qp @ xp.matrix_transpose(per_key))
+        logits = xp.where(masks[level] & real, level_logits, logits)
+    row_max = xp.max(logits, axis=-1, keepdims=True)
+    row_max = xp.where(xp.isfinite(row_max), row_max, xp.zeros_like(row_max))
+    e = xp.exp(logits - row_max)
+    total = xp.sum(e, axis=-1, keepdims=True)
+    rho = factors[0]
+    for level in range(1, plan.levels + 1):
+        rho = xp.where(masks[level], factors[level][None, :], rho)
+    f = e * rho / xp.where(total > 0, total, xp.ones_like(total))
+    return f[..., :n, :n]
+
+
+def multipole_reference(
+    q, k, v, /, *, block=64, basis=4, causal=True, downsample="mean", scale=None
+):
+    """``multipole_weights(q, k, ...) @ v``: the dense oracle of
+    :func:`convbasis.multipole.multipole_attention`.
+
+    ``O(n² (L d + e))`` time and ``O(n²)`` memory; for tests on small ``n``.
+    """
+    _, _, (q, k, v), kernels = _prepare(
+        (q, k, v),
+        ("q", "k", "v"),
+        block=block,
+        basis=basis,
+        causal=causal,
+        downsample=downsample,
+    )
+    f = multipole_weights(
+        q,
+        k,
+        block=block,
+        basis=basis,
+        causal=causal,
+        downsample="mean" if kernels is None else kernels,
+        scale=scale,
+    )
+    return f @ v
+
+
+if multipole_weights.__doc__:  # None under python -OO
+    multipole_weights.__doc__ = multipole_weights.__doc__.replace(
+        "{params}", _PARAMS_DOC.strip("\n").lstrip()
     )

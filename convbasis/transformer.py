@@ -7,12 +7,16 @@ Layer ``ℓ`` maps ``X (..., n, d_model)`` to
 
 and :func:`loss_and_gradients` walks the layers backwards (Algorithm 1 of arXiv 2408.13233):
 the attention gradients come from :func:`convbasis.gradients.attention_gradients` with the chosen
-structure of ``f`` (``"dense"``, ``"lowrank"``, ``"conv"``); everything else is the exact,
-linear-in-``n`` chain rule.  The result holds a gradient for every parameter and for the input
-``X`` (prompt/prefix tuning).
+structure of ``f`` (any method of :data:`convbasis.operators.METHODS`: ``"dense"``,
+``"lowrank"``, ``"conv"``, ``"multipole"``); everything else is the exact, linear-in-``n``
+chain rule.  The result holds a gradient for every parameter and for the input ``X``
+(prompt/prefix tuning).
 
-For a fast method the forward output is ``op.matmul(V)`` of the *same* operator the backward
-uses, so the loss and its gradients are those of one (approximate) model.
+For a fast method the forward output is ``op.matmul(V)`` of the method's operator.  With
+``gradient="model"`` the loss and its gradients belong to that one (approximate) model; with
+the default ``gradient="exact-formula"`` (the papers' Algorithm 1) the gradients put the
+approximate ``f̃`` into the exact formulas, which is not the gradient of the computed loss
+(docs/math.rst §7).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._array import as_floating, check_last_dim, check_rows, namespace, sum_to_shape
-from .gradients import attention_gradients
+from .gradients import GRADIENTS, attention_gradients
 from .operators import METHODS, attention_operator
 from .reference import attention as dense_attention
 from .reference import attention_backward as dense_attention_backward
@@ -377,12 +381,14 @@ def _attention_forward(xp, q, k, v, attention, causal, scale, options):
     return op.matmul(v)
 
 
-def _attention_backward(xp, q, k, v, g, attention, causal, scale, options):
+def _attention_backward(xp, q, k, v, g, attention, gradient, causal, scale, options):
     if attention == "dense" and "block" in options:
         return dense_attention_backward(
             q, k, v, g, causal=causal, scale=scale, block=options["block"]
         )
-    return attention_gradients(q, k, v, g, method=attention, causal=causal, scale=scale, **options)
+    return attention_gradients(
+        q, k, v, g, method=attention, gradient=gradient, causal=causal, scale=scale, **options
+    )
 
 
 def _check_options(attention, options):
@@ -399,7 +405,7 @@ def forward(params, x, /, *, causal=True, attention="dense", scale=None, **optio
     x : array ``(..., n, d_model)``
         Input embeddings; leading axes are a batch.
     causal : bool
-    attention : {"dense", "lowrank", "conv"}
+    attention : {"dense", "lowrank", "conv", "multipole"}
         Structure of each head's attention matrix ``f``.  ``options`` go to the operator
         (:func:`convbasis.operators.attention_operator`); ``"dense"`` takes only ``block``
         (rows per block of the reference oracle, ``O(block·n)`` memory).
@@ -454,7 +460,7 @@ class TransformerGradients:
     out: Any
 
 
-def _layer_backward(xp, params, p, c, g, attention, causal, scale, options):
+def _layer_backward(xp, params, p, c, g, attention, gradient, causal, scale, options):
     """``(∂L/∂X, LayerParams of gradients)`` for one layer given ``g = ∂L/∂X'``."""
     mT = xp.matrix_transpose
     act, dact = ACTIVATIONS[params.activation](xp, c.pre)
@@ -470,7 +476,9 @@ def _layer_backward(xp, params, p, c, g, attention, causal, scale, options):
     ge = xp.expand_dims(gz, axis=-3)
     dw_o = sum_to_shape(xp, mT(c.o) @ ge, p.w_o.shape)
     do = ge @ mT(p.w_o)
-    dq, dk, dv = _attention_backward(xp, c.q, c.k, c.v, do, attention, causal, scale, options)
+    dq, dk, dv = _attention_backward(
+        xp, c.q, c.k, c.v, do, attention, gradient, causal, scale, options
+    )
     ue = xp.expand_dims(c.u1, axis=-3)
     grads = {
         "w_q": sum_to_shape(xp, mT(ue) @ dq, p.w_q.shape),
@@ -486,9 +494,18 @@ def _layer_backward(xp, params, p, c, g, attention, causal, scale, options):
 
 
 def loss_and_gradients(
-    params, x, loss, /, *, attention="dense", causal=True, scale=None, **options
+    params,
+    x,
+    loss,
+    /,
+    *,
+    attention="dense",
+    gradient="exact-formula",
+    causal=True,
+    scale=None,
+    **options,
 ):
-    """Loss and gradients for every parameter and for the input (MATH.md §5).
+    """Loss and gradients for every parameter and for the input (docs/math.rst §5).
 
     Parameters
     ----------
@@ -500,16 +517,23 @@ def loss_and_gradients(
     attention, causal, scale, options
         As in :func:`forward`; the backward uses
         :func:`convbasis.gradients.attention_gradients` with ``method=attention``.
+    gradient : {"exact-formula", "model"}
+        ``"model"``: the returned gradients are those of the returned loss (the approximate
+        model's own).  ``"exact-formula"`` (the papers' Algorithm 1): the approximate ``f̃``
+        put into the exact attention gradient formulas (docs/math.rst §7).  The same for
+        ``attention="dense"``.
 
     Returns
     -------
     TransformerGradients
         Cost: the forward plus, per layer, the four operator products of each head's attention
-        backward (almost linear in ``n`` for ``"lowrank"``/``"conv"``) and
+        backward (almost linear in ``n`` for the fast methods) and
         ``O(n d_model (heads·d_head + d_ff))`` chain rule.
     """
     if not callable(loss):
         raise TypeError(f"loss must be callable, loss(out) -> (L, dL/dout); got {loss!r}")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     out, cache = forward(params, x, attention=attention, causal=causal, scale=scale, **options)
     xp = namespace(out)
     value, g = loss(out)
@@ -521,7 +545,7 @@ def loss_and_gradients(
         )
     layers = []
     for p, c in zip(reversed(params.layers), reversed(cache.layers), strict=True):
-        g, layer = _layer_backward(xp, params, p, c, g, attention, causal, scale, options)
+        g, layer = _layer_backward(xp, params, p, c, g, attention, gradient, causal, scale, options)
         layers.append(layer)
     grads = TransformerParams(tuple(reversed(layers)), params.norm, params.activation)
     return TransformerGradients(value, grads, g, out)

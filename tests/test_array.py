@@ -99,15 +99,15 @@ def _scan_case(xp, rng, count):
 @pytest.fixture
 def pipeline(monkeypatch):
     """``pipeline(threads)``: NumPy input of any size takes the pipelined path."""
-    import convbasis._array as array_module
+    import convbasis._numpy as numpy_backend
 
     def configure(threads):
-        monkeypatch.setattr(array_module, "_THREADED_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(array_module, "_THREADS", threads)
-        array_module._thread_pool.cache_clear()
+        monkeypatch.setattr(numpy_backend, "_THREADED_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(numpy_backend, "_THREADS", threads)
+        numpy_backend._thread_pool.cache_clear()
 
     yield configure
-    array_module._thread_pool.cache_clear()
+    numpy_backend._thread_pool.cache_clear()
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -162,7 +162,7 @@ def test_single_threaded_blas_overlapping_callers_restore_the_setting():
     last one leaves, then ends as it began (the setting is process-wide)."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from convbasis._array import _single_threaded_blas
+    from convbasis._numpy import _single_threaded_blas
 
     def blas_threads():
         return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}

@@ -19,8 +19,8 @@ from convbasis.conv import (
     conv_matmul,
     conv_operator,
     conv_rmatmul,
-    decompose,
-    fit,
+    decompose_conv_basis,
+    fit_conv_basis,
     recover_conv_basis,
 )
 from convbasis.reference import attention, attention_weights
@@ -334,18 +334,18 @@ def test_basis_exp_and_max(xp, rng, dtype):
 
 @pytest.mark.parametrize("n", N_VALUES)
 def test_decompose_round_trip(xp, rng, n):
-    # a matrix with a known basis: decompose finds exactly its starts and vectors
+    # a matrix with a known basis: decompose_conv_basis finds exactly its starts and vectors
     for k in sorted({1, 3, n}):
         starts = random_starts(rng, n, k)
         c = random_vectors(rng, starts, n)
         h = basis_dense(starts, c, n)
-        basis = decompose(xp.asarray(h))
+        basis = decompose_conv_basis(xp.asarray(h))
         assert basis.starts == starts
         assert_close(basis.vectors, c)
         assert_close(basis.to_dense(), h)
     # a generic lower-triangular matrix: every column starts a segment (k = n)
     h = np.tril(rng.standard_normal((n, n)))
-    basis = decompose(xp.asarray(h))
+    basis = decompose_conv_basis(xp.asarray(h))
     assert basis.starts == tuple(range(n))
     assert_close(basis.to_dense(), h)
     assert_close(basis.vectors, aligned_columns(h))
@@ -358,7 +358,7 @@ def test_decompose_batch_axes(xp, rng, dtype):
     h0 = basis_dense((0, 5, 20), random_vectors(rng, (0, 5, 20), n), n)
     h1 = basis_dense((0, 12), random_vectors(rng, (0, 12), n), n)
     h = np.stack([h0, h1])[:, None].astype(dtype)  # (2, 1, n, n)
-    basis = decompose(xp.asarray(h))
+    basis = decompose_conv_basis(xp.asarray(h))
     assert basis.starts == (0, 5, 12, 20)
     assert basis.vectors.shape == (2, 1, 4, n)
     assert basis.vectors.dtype == xp.asarray(h).dtype
@@ -376,7 +376,7 @@ def test_decompose_property(xp, n, k, batch, seed):
     rng = np.random.default_rng(seed)
     starts = random_starts(rng, n, k)
     h = basis_dense(starts, random_vectors(rng, starts, n, batch=batch), n)
-    basis = decompose(xp.asarray(h))
+    basis = decompose_conv_basis(xp.asarray(h))
     assert basis.rank <= n
     assert basis.starts == starts
     assert_close(basis.to_dense(), h)
@@ -386,23 +386,23 @@ def test_decompose_repeated_columns_merge(xp):
     # conv(b_1, m_1) with b_1 = 0 on the entries inside the matrix is not a new segment
     n = 5
     h = basis_dense((0,), np.arange(1.0, n + 1)[None, :], n)
-    assert decompose(xp.asarray(h)).starts == (0,)
-    assert decompose(xp.asarray(np.zeros((n, n)))).starts == (0,)
+    assert decompose_conv_basis(xp.asarray(h)).starts == (0,)
+    assert decompose_conv_basis(xp.asarray(np.zeros((n, n)))).starts == (0,)
 
 
 def test_decompose_bad_input(xp):
     h = np.tril(np.ones((4, 4)))
     h[1, 3] = 1e-300
     with pytest.raises(ValueError, match=r"h must be lower-triangular \(zero above the diagonal\)"):
-        decompose(xp.asarray(h))
+        decompose_conv_basis(xp.asarray(h))
     with pytest.raises(ValueError, match=r"h must have shape \(\.\.\., n, n\) with n >= 1"):
-        decompose(xp.asarray(np.zeros((3, 4))))
+        decompose_conv_basis(xp.asarray(np.zeros((3, 4))))
     with pytest.raises(ValueError, match=r"h must have shape \(\.\.\., n, n\) with n >= 1"):
-        decompose(xp.asarray(np.zeros(3)))
+        decompose_conv_basis(xp.asarray(np.zeros(3)))
     with pytest.raises(ValueError, match=r"h must have shape \(\.\.\., n, n\) with n >= 1"):
-        decompose(xp.asarray(np.zeros((0, 0))))
+        decompose_conv_basis(xp.asarray(np.zeros((0, 0))))
     with pytest.raises(TypeError, match="h must have a real floating dtype"):
-        decompose(xp.asarray(np.eye(3, dtype=np.int64)))
+        decompose_conv_basis(xp.asarray(np.eye(3, dtype=np.int64)))
 
 
 def _frobenius_lower(basis, h):
@@ -414,13 +414,13 @@ def test_fit_error_non_increasing(xp, rng, n):
     h = rng.standard_normal((2, n, n))  # the upper part is ignored
     errors = []
     for k in range(1, n + 3):
-        basis = fit(xp.asarray(h), k)
+        basis = fit_conv_basis(xp.asarray(h), k)
         assert basis.rank == min(k, n)
         errors.append(_frobenius_lower(basis, np.tril(h)))
     assert all(b <= a * (1 + 1e-12) + 1e-12 for a, b in itertools.pairwise(errors))
     # k >= n reproduces the lower triangle; k = 1 does not (generic input)
     assert errors[n - 1] <= 1e-12 * np.linalg.norm(h)
-    assert_close(fit(xp.asarray(h), n + 5).to_dense(), np.tril(h), atol=1e-12)
+    assert_close(fit_conv_basis(xp.asarray(h), n + 5).to_dense(), np.tril(h), atol=1e-12)
     if n > 1:
         assert errors[0] > 0.1
 
@@ -428,7 +428,7 @@ def test_fit_error_non_increasing(xp, rng, n):
 def test_fit_single_segment_is_column_mean(xp, rng):
     n = 5
     h = np.tril(rng.standard_normal((n, n)))
-    basis = fit(xp.asarray(h), 1)
+    basis = fit_conv_basis(xp.asarray(h), 1)
     a = aligned_columns(h)
     # entry t is the mean over the n - t columns that reach it
     expected = np.array([a[: n - t, t].mean() for t in range(n)])
@@ -440,21 +440,21 @@ def test_fit_exact_at_true_rank(xp, rng, n):
     starts = random_starts(rng, n, 4)
     c = random_vectors(rng, starts, n, batch=(2,))
     h = basis_dense(starts, c, n)
-    basis = fit(xp.asarray(h + np.triu(rng.standard_normal((n, n)), 1)), len(starts))
+    basis = fit_conv_basis(xp.asarray(h + np.triu(rng.standard_normal((n, n)), 1)), len(starts))
     assert basis.starts == starts
     assert_close(basis.vectors, c, atol=1e-13)
     assert_close(basis.to_dense(), h, atol=1e-13)
     if len(starts) > 1:  # one segment fewer cannot be exact
-        assert _frobenius_lower(fit(xp.asarray(h), len(starts) - 1), h) > 1e-3
+        assert _frobenius_lower(fit_conv_basis(xp.asarray(h), len(starts) - 1), h) > 1e-3
 
 
 def test_fit_bad_input(xp):
     h = xp.asarray(np.zeros((4, 4)))
     for k in (0, -1, 1.5, True, None):
         with pytest.raises(ValueError, match=f"k must be an integer >= 1, got {k!r}"):
-            fit(h, k)
+            fit_conv_basis(h, k)
     with pytest.raises(ValueError, match=r"h must have shape \(\.\.\., n, n\) with n >= 1"):
-        fit(xp.asarray(np.zeros((4, 3))), 2)
+        fit_conv_basis(xp.asarray(np.zeros((4, 3))), 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -482,9 +482,9 @@ def _check_recovered(basis, q, k, true_starts, scale=None, causal=True):
     roundoff = 2 * d * eps * abs(s) * qn * kn  # two computed logits that agree exactly
     assert_close(basis.vectors, aligned_columns(h)[..., list(true_starts), :], atol=roundoff / 2)
     assert_close(basis.to_dense(), h, atol=roundoff)
-    # the same basis as the dense reference: fit with the true number of segments finds the
-    # same starts on the dense logits (their round-off is far below the segment changes)
-    dense = fit(h, len(true_starts))
+    # the same basis as the dense reference: fit_conv_basis with the true number of segments
+    # finds the same starts on the dense logits (their round-off is far below the segment changes)
+    dense = fit_conv_basis(h, len(true_starts))
     assert dense.starts == basis.starts
     assert_close(basis.vectors, dense.vectors, atol=roundoff)
 
@@ -502,9 +502,9 @@ def test_recover_rotary_instance(xp, rng, dtype, count):
     if count > 1:
         basis = recover_conv_basis(*as_xp(xp, q, k), rank=count - 1)
         assert basis.starts == starts[:-1]
-    # decompose of the exact basis built from the recovered vectors gives the same starts
+    # decompose_conv_basis of the exact basis built from the recovered vectors: the same starts
     basis = recover_conv_basis(*as_xp(xp, q, k), rank=count)
-    assert decompose(basis.to_dense()).starts == starts
+    assert decompose_conv_basis(basis.to_dense()).starts == starts
 
 
 @pytest.mark.parametrize("probe", [1, 2, 5])
@@ -569,7 +569,7 @@ def test_recover_error_against_rank_on_generic_input(xp, rng, capsys):
         basis = recover_conv_basis(*as_xp(xp, q, k), rank=rank)
         assert basis.rank <= rank
         err = _frobenius_lower(basis, h) / norm
-        best = _frobenius_lower(fit(h, rank), h) / norm
+        best = _frobenius_lower(fit_conv_basis(h, rank), h) / norm
         rows.append((rank, basis.rank, err, best))
         # by design the columns at the starts are reproduced exactly
         dense = to_numpy(basis.to_dense())

@@ -307,3 +307,153 @@ def test_conv_gradients_check_fails_on_a_truncated_basis(rng, dtype):
     for a, gold, base in outputs:
         with pytest.raises(AssertionError, match="exceeds"):
             assert_within_reference_error(a, gold, base, factor=CONV_FACTOR)
+
+
+# --- gradient="model": the exact gradient of each method's own forward (docs/math.rst §7) ----
+
+
+def _central_differences(forward, arrays, g, h=1e-6):
+    """``∂⟨g, forward()⟩/∂a`` for every entry of every array in ``arrays`` (mutated, restored)."""
+    out = []
+    for a in arrays:
+        grad = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            old = a[idx]
+            a[idx] = old + h
+            up = np.sum(g * to_numpy(forward()))
+            a[idx] = old - h
+            down = np.sum(g * to_numpy(forward()))
+            a[idx] = old
+            grad[idx] = (up - down) / (2 * h)
+        out.append(grad)
+    return out
+
+
+def _check_model_gradient(xp, q, k, v, g, forward, method, causal, options, rtol=1e-6):
+    """``gradient="model"`` on backend ``xp`` against central differences of ``forward``."""
+    numeric = _central_differences(lambda: forward(q, k, v), [q, k, v], g)
+    arrays = (xp.asarray(a) for a in (q, k, v, g))
+    grads = attention_gradients(*arrays, method=method, gradient="model", causal=causal, **options)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, numeric, strict=True):
+        assert_close(got, want, atol=rtol * max(np.abs(want).max(), 1.0), xp=xp, err_msg=name)
+
+
+LOWRANK_OPTIONS = (
+    {"eps": 1e-3, "scale": 0.5},  # Chebyshev: the radius moves the nodes (a tested term)
+    {"degree": 3, "scale": -0.7},  # odd Chebyshev degree, negative scale
+    {"degree": 4, "kind": "taylor", "scale": 0.5},
+)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("options", LOWRANK_OPTIONS)
+@pytest.mark.parametrize("n", [1, 2, 13])
+def test_lowrank_model_gradient_is_that_of_its_forward(xp, rng, causal, options, n):
+    from convbasis import lowrank_attention
+
+    q, k, v, g = (rng.uniform(-1, 1, (2, n, 3)) for _ in range(4))
+    v, g = v[..., :2], g[..., :2]
+
+    def forward(q, k, v):
+        return lowrank_attention(q, k, v, causal=causal, **options)
+
+    _check_model_gradient(xp, q, k, v, g, forward, "lowrank", causal, options)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("n", "block", "basis"), [(1, 2, 1), (13, 2, 1), (33, 4, 2)])
+def test_multipole_model_gradient_is_its_backward(xp, rng, causal, n, block, basis):
+    from convbasis import multipole_attention
+
+    q, k, v, g = (rng.standard_normal((n, 3)) for _ in range(4))
+    options = {"block": block, "basis": basis}
+
+    def forward(q, k, v):
+        return multipole_attention(q, k, v, causal=causal, **options)
+
+    _check_model_gradient(xp, q, k, v, g, forward, "multipole", causal, options)
+
+
+# delta holds the segment starts fixed under the differences' perturbations (at the default,
+# round-off level, every perturbed column would start a new segment).  Random logits have no
+# few-segment basis: the model is an approximation (warned), and its gradient is still exact.
+@pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
+@pytest.mark.parametrize(
+    ("n", "rank", "causal", "logit_scale"),
+    [
+        (1, 1, True, 1.0),
+        (2, 2, False, 1.0),
+        (17, 4, True, 1.0),
+        (11, 3, False, 1.0),
+        (40, 3, True, 2.0),
+        (37, 3, False, 2.0),
+        (40, 3, True, 60.0),  # large logits: the safeguard recomputes rows exactly
+    ],
+)
+def test_conv_model_gradient_is_that_of_its_forward(xp, rng, n, rank, causal, logit_scale):
+    from convbasis import conv_attention, conv_operator
+
+    if n >= 30:  # long segments: the correlations run by FFT
+        starts = (0, n // 4 + 1, (2 * n) // 3)
+        q, k, v, _ = rotary_conv_instance(rng, n, 4, starts, logit_scale=logit_scale, value_dim=3)
+    else:  # one-column segments: the correlations run directly
+        q, k, v = (rng.standard_normal((n, 3)) for _ in range(3))
+    g = rng.standard_normal(v.shape)
+    options = {"rank": rank, "delta": 1e-2}
+    if logit_scale > 10:
+        assert conv_operator(q, k, causal=causal, rank=rank).recomputed_rows
+
+    def forward(q, k, v):
+        return conv_attention(q, k, v, causal=causal, **options)
+
+    _check_model_gradient(xp, q, k, v, g, forward, "conv", causal, options, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_conv_gradients_agree_along_directions_that_keep_the_instance_exact(rng, dtype):
+    """On an exact k-conv instance the model equals exact attention on every nearby exact
+    instance with the same starts, so the two gradients agree along such directions — and
+    only there: the model sees K only at the segment starts (docs/math.rst §7)."""
+    n, starts = 48, (0, 13, 30)
+    q0, k0, v, _ = rotary_conv_instance(rng, n, 4, starts, logit_scale=2.0)
+    q1, k1, _, _ = rotary_conv_instance(rng, n, 4, starts, logit_scale=2.0)
+    dq_dir, dk_dir = q1 - q0, k1 - k0  # rotary instances are linear in (q̄, κ)
+    g = rng.standard_normal(v.shape)
+    arrays = [a.astype(dtype) for a in (q0, k0, v, g)]
+    model = attention_gradients(*arrays, method="conv", gradient="model", rank=3)
+    exact = attention_gradients(*arrays, method="conv", gradient="exact-formula", rank=3)
+    along = [float(np.sum(a[0] * dq_dir) + np.sum(a[1] * dk_dir)) for a in (model, exact)]
+    tol = 1e-3 if dtype == "float32" else 1e-9
+    assert abs(along[0] - along[1]) <= tol * abs(along[1])
+    assert_close(model[2], exact[2], atol=tol * np.abs(exact[2]).max())
+    assert np.abs(model[1] - exact[1]).max() > 0.1 * np.abs(exact[1]).max()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_model_gradient_is_the_exact_one(xp, rng, causal):
+    q, k, v, g = (xp.asarray(rng.standard_normal((2, 9, 3))) for _ in range(4))
+    model = attention_gradients(q, k, v, g, gradient="model", causal=causal)
+    ref = reference.attention_backward(q, k, v, g, causal=causal)
+    for a, b in zip(model, ref, strict=True):
+        assert_close(a, b, atol=1e-12, xp=xp)
+
+
+def test_exact_formula_is_the_default(rng):
+    q, k, v, g = (rng.uniform(-1, 1, (11, 3)) for _ in range(4))
+    options = {"method": "lowrank", "eps": 1e-2}
+    default = attention_gradients(q, k, v, g, **options)
+    named = attention_gradients(q, k, v, g, gradient="exact-formula", **options)
+    model = attention_gradients(q, k, v, g, gradient="model", **options)
+    for a, b in zip(default, named, strict=True):
+        assert np.array_equal(a, b)
+    assert not np.allclose(default[0], model[0], rtol=1e-6, atol=0)
+
+
+def test_gradient_bad_input(rng):
+    q, k, v, g = (rng.standard_normal((7, 3)) for _ in range(4))
+    with pytest.raises(ValueError, match=r"gradient must be one of \('exact-formula', 'model'\)"):
+        attention_gradients(q, k, v, g, gradient="approximate")
+    with pytest.raises(ValueError, match="unknown attention method 'sparse'"):
+        attention_gradients(q, k, v, g, method="sparse", gradient="model")
+    with pytest.raises(ValueError, match=r"grad_out must have as many rows as q \(7\)"):
+        attention_gradients(q, k, v, g[:5], method="lowrank", eps=1e-2)

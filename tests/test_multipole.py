@@ -19,11 +19,9 @@ from convbasis.multipole import (
     kernel_shapes,
     multipole_attention,
     multipole_attention_backward,
-    multipole_masks,
     multipole_operator,
-    multipole_reference,
-    multipole_weights,
 )
+from convbasis.reference import multipole_masks, multipole_reference, multipole_weights
 from convbasis.testing import assert_close, assert_within_reference_error, to_numpy
 
 N_VALUES = (1, 2, 3, 7, 17, 31, 32, 33, 64, 100)

@@ -12,17 +12,15 @@ from hypothesis import strategies as st
 from numpy.polynomial import chebyshev as npcheb
 
 from convbasis import polynomial as poly
-from convbasis.polynomial import (
+from convbasis.exp_approximation import (
     chebyshev_coefficients,
     degree_for,
     exp_approximation_error,
     exp_coefficients,
-    lowrank_attention,
-    lowrank_factors,
-    lowrank_operator,
-    rank_for,
     taylor_coefficients,
 )
+from convbasis.monomial_features import rank_for
+from convbasis.polynomial import lowrank_attention, lowrank_factors, lowrank_operator
 from convbasis.reference import attention, attention_weights
 from convbasis.testing import assert_close, assert_within_reference_error, to_numpy
 

@@ -204,10 +204,17 @@ def test_lowrank_error_within_bound(xp, rng, record_property, causal):
 
 # conv rank 4 on a random model is an approximation by design (ConvBasisWarning expected)
 @pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
-@pytest.mark.parametrize("method", ["dense", "lowrank", pytest.param("conv", marks=needs_conv)])
+@pytest.mark.parametrize(
+    "method", ["dense", "lowrank", pytest.param("conv", marks=needs_conv), "multipole"]
+)
 def test_one_gradient_step_lowers_loss(xp, rng, method):
     params, x, loss = _problem(xp, rng, n=20, layers=2)
-    options = {"lowrank": {"eps": 1e-3}, "conv": {"rank": 4}, "dense": {}}[method]
+    options = {
+        "lowrank": {"eps": 1e-3},
+        "conv": {"rank": 4},
+        "dense": {},
+        "multipole": {"block": 4, "basis": 2},
+    }[method]
     grads = T.loss_and_gradients(params, x, loss, attention=method, **options)
     lr = 1e-2
     stepped = params.map(lambda p, g: p - lr * g, grads.params)
@@ -216,6 +223,41 @@ def test_one_gradient_step_lowers_loss(xp, rng, method):
     assert after < before
     dense_after = _loss_value(stepped, x, loss, True)
     assert dense_after < before  # the fast step also lowers the exact (dense) loss
+
+
+# delta keeps the conv segment starts fixed under the differences' perturbations.
+MODEL_OPTIONS = {
+    "lowrank": {"eps": 1e-3},
+    "conv": {"rank": 3, "delta": 1e-2},
+    "multipole": {"block": 2, "basis": 1},
+}
+
+
+@pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
+@pytest.mark.parametrize("method", list(MODEL_OPTIONS))
+@pytest.mark.parametrize("causal", [True, False])
+def test_model_gradients_are_those_of_the_loss(xp, rng, method, causal):
+    """``gradient="model"``: the returned gradients are those of the returned loss."""
+    options = MODEL_OPTIONS[method]
+    params, x, loss = _problem(xp, rng, n=9, layers=2)
+    grads = T.loss_and_gradients(
+        params, x, loss, attention=method, gradient="model", causal=causal, **options
+    )
+    h = 1e-5
+    for name, value in dict(params.leaves(), x=x).items():
+        t = rng.standard_normal(value.shape)
+        base = to_numpy(value)
+
+        def at(sign, name=name, base=base, t=t):
+            shifted = xp.asarray(base + sign * h * t)
+            p, xx = (params, shifted) if name == "x" else (_replace_leaf(params, name, shifted), x)
+            out, _ = T.forward(p, xx, attention=method, causal=causal, **options)
+            return float(loss(out)[0])
+
+        fd = (at(1) - at(-1)) / (2 * h)
+        g = to_numpy(grads.x if name == "x" else grads.params.leaves()[name])
+        an = float(np.sum(g * t))
+        assert abs(fd - an) <= 1e-6 * max(abs(an), 1.0), (name, fd, an)
 
 
 def test_dense_block_option_matches(xp, rng):

@@ -10,10 +10,10 @@ NumPy, on an exact instance (``rotary_conv_instance`` with 16 equal segments):
 
 Three groups, each compared with a dense computation on the same inputs: the FFT products
 ``H Z`` / ``Hᵀ Z`` (against a blocked dense product with rows of ``H`` gathered from the
-basis), the recovery from ``Q, K`` (against ``decompose`` of the dense logits), and causal
-attention (against the blocked dense reference).  Dense work above ``DENSE_MAX_N`` is timed on
-the leading ``DENSE_MAX_N`` rows and scaled by ``(n / DENSE_MAX_N)^2`` (said in the track's
-name).  ``python -m benchmarks.conv`` from ``asv_benchmarks/`` runs :func:`measure`.
+basis), the recovery from ``Q, K`` (against ``decompose_conv_basis`` of the dense logits), and
+causal attention (against the blocked dense reference).  Dense work above ``DENSE_MAX_N`` is
+timed on the leading ``DENSE_MAX_N`` rows and scaled by ``(n / DENSE_MAX_N)^2`` (said in the
+track's name).  ``python -m benchmarks.conv`` from ``asv_benchmarks/`` runs :func:`measure`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from unittest import mock
 import numpy as np
 from array_api_compat import array_namespace as namespace_of
 
-from convbasis import conv as conv_module
-from convbasis.conv import conv_attention, decompose, recover_conv_basis
+from convbasis.conv import _fft as conv_fft
+from convbasis.conv import conv_attention, decompose_conv_basis, recover_conv_basis
 from convbasis.reference import attention
 from convbasis.testing import rotary_conv_instance
 
@@ -68,7 +68,7 @@ def input_bytes(*arrays):
 
 def time_in_ffts(func):
     """``(total, fft)`` seconds of one ``func()`` call; ``fft`` is the time spent inside the
-    FFT helpers ``convbasis._array.rfft`` / ``irfft`` as called from ``convbasis.conv``
+    FFT helpers ``convbasis._array.rfft`` / ``irfft`` as called from ``convbasis.conv._fft``
     (padding and the transforms themselves; everything else is glue)."""
     spent = [0.0]
 
@@ -83,8 +83,8 @@ def time_in_ffts(func):
         return wrapper
 
     with (
-        mock.patch.object(conv_module, "rfft", timed(conv_module.rfft)),
-        mock.patch.object(conv_module, "irfft", timed(conv_module.irfft)),
+        mock.patch.object(conv_fft, "rfft", timed(conv_fft.rfft)),
+        mock.patch.object(conv_fft, "irfft", timed(conv_fft.irfft)),
     ):
         start = time.perf_counter()
         func()
@@ -167,11 +167,11 @@ class ConvProducts:
             raise NotImplementedError("array_api_strict is for correctness, not large n")
         q, k, _, _ = instance(xp, n)
         self.basis = recover_conv_basis(q, k, rank=RANK).exp()
-        self.basis._spectra  # noqa: B018 -- warm the per-basis spectrum cache
+        self.basis.spectra  # noqa: B018 -- warm the per-basis spectrum cache
         self.z = xp.asarray(uniform((n, D + 1), seed=4))
         m = min(n, DENSE_MAX_N)
         self.small = recover_conv_basis(q[:m, :], k[:m, :], rank=RANK).exp()
-        self.small._spectra  # noqa: B018
+        self.small.spectra  # noqa: B018
         self.seg = _segment_of_columns(xp, self.small.starts, m)
 
     def time_matmul(self, backend, n):
@@ -224,7 +224,8 @@ class ConvProducts:
 
 class RecoverConvBasis:
     """``recover_conv_basis(q, k, rank=16)`` (binary search, MATH.md §4) against
-    ``decompose`` of the dense causal logits (``O(n²)``, only up to ``DECOMPOSE_MAX_N``)."""
+    ``decompose_conv_basis`` of the dense causal logits (``O(n²)``, only up to
+    ``DECOMPOSE_MAX_N``)."""
 
     params = (BACKENDS, SIZES)
     param_names = ["backend", "n"]
@@ -244,7 +245,8 @@ class RecoverConvBasis:
         q, k = self.q[:m, :], self.k[:m, :]
         i = xp.arange(m)
         logits = (q @ xp.matrix_transpose(k)) / math.sqrt(D)
-        return decompose(xp.where(i[:, None] >= i[None, :], logits, xp.zeros_like(logits)))
+        lower = xp.where(i[:, None] >= i[None, :], logits, xp.zeros_like(logits))
+        return decompose_conv_basis(lower)
 
     def time_recover(self, backend, n):
         self._recover()
@@ -272,7 +274,8 @@ class RecoverConvBasis:
     track_max_error_vs_float64.unit = "absolute error"
 
     def track_speedup_vs_decompose_scaled(self, backend, n):
-        """``decompose`` of the dense logits (at min(n, 4096), scaled by n^2) over recovery."""
+        """``decompose_conv_basis`` of the dense logits (at min(n, 4096), scaled by n^2) over
+        recovery."""
         fast = best_time(self._recover, repeat=3)
         m = min(n, DECOMPOSE_MAX_N)
         dense = best_time(lambda: self._decompose(m), repeat=1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from convbasis.polynomial import degree_for, lowrank_attention, rank_for
+from convbasis import degree_for, lowrank_attention, rank_for
 from convbasis.reference import attention
 
 from .common import BACKENDS, best_time, namespace, traced_peak, uniform

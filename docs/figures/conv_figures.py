@@ -5,9 +5,9 @@ Writes into this folder:
 * ``conv_error_rank.png`` / ``conv_error_rank.csv``: relative error of the causal attention
   output and of the logits' lower triangle against the number of segments ``k``, for the
   binary-search recovery :func:`convbasis.recover_conv_basis` (default ``δ`` and ``δ = 0.1``)
-  and the dense best-effort :func:`convbasis.fit`, on four inputs: an exact 8-segment rotary
-  instance, the same with noise in the keys, rotary positions with smoothly varying key
-  content, and Gaussian ``Q, K`` (n = 1024, d = 16, float64).
+  and the dense best-effort :func:`convbasis.fit_conv_basis`, on four inputs: an exact
+  8-segment rotary instance, the same with noise in the keys, rotary positions with smoothly
+  varying key content, and Gaussian ``Q, K`` (n = 1024, d = 16, float64).
 * ``conv_dynamic_range.csv``: output error against the spread of the logits (1, 10, 30, 100)
   in float32 and float64, with the dynamic-range safeguard at its default tolerance and with
   ``tolerance=math.inf`` (only rows whose normaliser is not resolved at all are recomputed),
@@ -141,7 +141,7 @@ def rank_runs(rng):
             curve = []
             for r in ranks:
                 if method.startswith("fit"):
-                    basis = cb.fit(logits, r)
+                    basis = cb.fit_conv_basis(logits, r)
                     out = dense_masked_attention(basis.to_dense(), v)
                 else:
                     delta = None if "default" in method else DELTA

@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from convbasis import polynomial as poly
+import convbasis as poly
 from convbasis.reference import attention
 
 HERE = pathlib.Path(__file__).parent
