@@ -19,7 +19,8 @@ from typing import Any
 
 from array_api_compat import device
 
-from .._array import as_floating, check_rows, namespace, validate_attention_inputs
+from .._array import namespace, validate_attention_inputs
+from ..operators import check_operands, hadamard_product
 from ._fft import c_product, segment_index, valid_mask
 from .basis import ConvBasis, _masked_max
 from .recovery import _recover, _recovery_options, _validate_qk
@@ -119,15 +120,13 @@ class ConvAttentionOperator:
     # -- the four products -----------------------------------------------------------------
     def matmul(self, z):
         """``f Z`` for ``z (..., n, p)``: ``O(k n p log n)`` plus ``O(n p)`` per recomputed row."""
-        z = _operand(self, z, "z")
-        xp = self._xp
+        xp, (z,) = _operands(self, z=z)
         out = self._c_product(xp.matrix_transpose(z)) / self._safe_normaliser()[..., None, :]
         return self.exact_rows.matmul_rows(xp.matrix_transpose(out), z)
 
     def rmatmul(self, z):
         """``fᵀ Z`` for ``z (..., n, p)``."""
-        z = _operand(self, z, "z")
-        xp = self._xp
+        xp, (z,) = _operands(self, z=z)
         scaled = z * (self.exact_rows.keep_mask(z.dtype) / self._safe_normaliser())[..., :, None]
         out = xp.matrix_transpose(self._c_product(xp.matrix_transpose(scaled), transpose=True))
         return self.exact_rows.rmatmul_add(out, z)
@@ -135,21 +134,16 @@ class ConvAttentionOperator:
     def hadamard_matmul(self, g, y, z):
         """``(f ∘ G Yᵀ) Z = Σ_l diag(G_l) f diag(Y_l) Z``; ``g, y (..., n, r)``, ``z (..., n, p)``.
 
-        The ``r`` products run as one FFT product on the ``(n, r p)`` matrix
-        ``[Y_l ∘ Z]_l``: ``O(k n r p log n)``.
+        FFT products on the ``r p`` columns ``[Y_l ∘ Z]_l`` in few large calls
+        (:func:`convbasis.operators.hadamard_product`): ``O(k n r p log n)``.
         """
-        g, y, z = _hadamard_operands(self, g, y, z)
-        yt, zt, gt = (self._xp.matrix_transpose(a) for a in (y, z, g))
-        out = _hadamard_fft(self, yt, zt, gt, transpose=False)
-        return self.exact_rows.matmul_rows(out, z, g, y)
+        xp, (g, y, z) = _operands(self, g=g, y=y, z=z)
+        return hadamard_product(xp, self.matmul, g, y, z)
 
     def hadamard_rmatmul(self, g, y, z):
         """``(f ∘ G Yᵀ)ᵀ Z = Σ_l diag(Y_l) fᵀ diag(G_l) Z`` (batched as ``hadamard_matmul``)."""
-        g, y, z = _hadamard_operands(self, g, y, z)
-        weight = self.exact_rows.keep_mask(z.dtype) / self._safe_normaliser()  # (..., n)
-        yt, zt, gt = (self._xp.matrix_transpose(a) for a in (y, z, g))
-        out = _hadamard_fft(self, gt, zt * weight[..., None, :], yt, transpose=True)
-        return self.exact_rows.rmatmul_add(out, z, g, y)
+        xp, (g, y, z) = _operands(self, g=g, y=y, z=z)
+        return hadamard_product(xp, self.rmatmul, y, g, z)
 
     def to_dense(self):
         """The ``(..., n, n)`` matrix ``f`` (``O(n²)``; for tests)."""
@@ -158,37 +152,10 @@ class ConvAttentionOperator:
         return self.matmul(eye)
 
 
-def _operand(op, z, name):
-    """``z (..., n, p)`` checked, floating, in the dtype of ``op``'s products."""
-    xp = namespace(op.lower.vectors, z)
-    check_rows(z, name)
-    if z.shape[-2] != op.n:
-        raise ValueError(f"{name} must have shape (..., n, p) with n = {op.n}, got {z.shape}")
-    (z,) = as_floating(xp, (z,), (name,))
-    return xp.astype(z, xp.result_type(z, op.normaliser))
-
-
-def _hadamard_fft(op, inner, zt, outer, *, transpose):
-    """``Σ_l diag(outer_l) P diag(inner_l) Z`` with ``P = D⁻¹ C`` (``Cᵀ`` if ``transpose``), all
-    in the transposed layout: the ``r`` products run as one FFT product on ``[inner_l ∘ Z]_l``."""
-    xp, n = op._xp, op.n
-    r, p = inner.shape[-2], zt.shape[-2]
-    stacked = inner[..., :, None, :] * zt[..., None, :, :]  # (..., r, p, n)
-    flat = xp.reshape(stacked, (*stacked.shape[:-3], r * p, n))
-    prod = op._c_product(flat, transpose=transpose)
-    if not transpose:
-        prod = prod / op._safe_normaliser()[..., None, :]
-    prod = xp.reshape(prod, (*prod.shape[:-2], r, p, n))
-    return xp.matrix_transpose(xp.sum(outer[..., :, None, :] * prod, axis=-3))
-
-
-def _hadamard_operands(op, g, y, z):
-    g, y, z = (_operand(op, a, name) for a, name in ((g, "g"), (y, "y"), (z, "z")))
-    if g.shape[-1] != y.shape[-1]:
-        raise ValueError(
-            f"y must have the same number of columns as g ({g.shape[-1]}), got {y.shape}"
-        )
-    return g, y, z
+def _operands(op, **operands):
+    """Operands ``(..., n, ·)`` checked, floating, in the dtype of ``op``'s products."""
+    rows = dict.fromkeys(operands, op.n)
+    return check_operands(op.normaliser, operands, rows=rows, hadamard="g" in operands)
 
 
 @functools.lru_cache(maxsize=32)

@@ -164,28 +164,19 @@ class ExactRows:
         """Exact softmax rows ``rows`` on the first ``width`` columns (:func:`exact_weights`)."""
         return exact_weights(self._xp, self.lower, self.upper, rows, width)
 
-    def hadamard_weights(self, rows, width, g, y):
-        """Rows ``rows`` of ``f ∘ G Yᵀ`` on the first ``width`` columns, exactly."""
-        xp = self._xp
-        g_rows = xp.take(g, xp.asarray(rows, device=device(g)), axis=g.ndim - 2)
-        return self.weights(rows, width) * (g_rows @ xp.matrix_transpose(y[..., :width, :]))
-
-    def _weights(self, rows, width, g, y):
-        return self.weights(rows, width) if g is None else self.hadamard_weights(rows, width, g, y)
-
-    def matmul_rows(self, base, z, g=None, y=None):
-        """``base (..., n, p)`` with the recomputed rows set to those of ``f Z`` (of
-        ``(f ∘ G Yᵀ) Z`` when ``g, y`` are given), computed exactly; ``z (..., n, p)``."""
-        pieces = [self._weights(r, w, g, y) @ z[..., :w, :] for r, w in self.blocks()]
+    def matmul_rows(self, base, z):
+        """``base (..., n, p)`` with the recomputed rows set to those of ``f Z``, computed
+        exactly; ``z (..., n, p)``."""
+        pieces = [self.weights(r, w) @ z[..., :w, :] for r, w in self.blocks()]
         return self.place(pieces, base)
 
-    def rmatmul_add(self, base, z, g=None, y=None):
-        """``base (..., n, p)`` plus the recomputed rows' part of ``fᵀ Z`` (of
-        ``(f ∘ G Yᵀ)ᵀ Z`` when ``g, y`` are given): ``Σ_r f[r]ᵀ Z[r]`` over those rows."""
+    def rmatmul_add(self, base, z):
+        """``base (..., n, p)`` plus the recomputed rows' part of ``fᵀ Z``: ``Σ_r f[r]ᵀ Z[r]``
+        over those rows."""
         xp = self._xp
         for rows, width in self.blocks():
             idx = xp.asarray(rows, device=device(z))
-            weights = xp.matrix_transpose(self._weights(rows, width, g, y))
+            weights = xp.matrix_transpose(self.weights(rows, width))
             base = base + self.pad(weights @ xp.take(z, idx, axis=z.ndim - 2))
         return base
 
