@@ -10,6 +10,7 @@ every other backend runs the generic Array-API code here.  Every algorithm modul
 from __future__ import annotations
 
 import math
+import operator
 
 import array_api_compat
 import scipy.fft
@@ -18,6 +19,7 @@ from . import _numpy
 
 __all__ = [
     "as_floating",
+    "check_integer",
     "check_last_dim",
     "check_rows",
     "chunk_scan_map",
@@ -63,6 +65,34 @@ def as_floating(xp, arrays, names):
             raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
     dtype = xp.result_type(*arrays)
     return tuple(a if a.dtype == dtype else xp.astype(a, dtype) for a in arrays)
+
+
+def check_integer(value, name, *, low=1, high=None, optional=False, what=None):
+    """``value`` as an ``int`` in ``[low, high]`` (Python or NumPy-style integers, not bool).
+
+    ``optional``: ``None`` passes through.  The message names the argument and the range:
+    "a positive integer" (``low = 1``), "a non-negative integer" (``low = 0``), or the bounds,
+    with ``what`` naming the upper bound (e.g. ``"n = 7"``).
+    """
+    if optional and value is None:
+        return None
+    if high is not None:
+        expected = f"an integer in [{low}, {what or high}]"
+    else:
+        expected = {1: "a positive integer", 0: "a non-negative integer"}.get(
+            low, f"an integer >= {low}"
+        )
+    if optional:
+        expected += " or None"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {expected}, got {value!r}") from None
+    if number < low or (high is not None and number > high):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return number
 
 
 def check_rows(x, name, *, min_ndim=2):

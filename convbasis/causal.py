@@ -17,7 +17,14 @@ import math
 
 import array_api_extra as xpx
 
-from ._array import as_floating, check_rows, chunk_scan_map, contiguous, namespace
+from ._array import (
+    as_floating,
+    check_integer,
+    check_rows,
+    chunk_scan_map,
+    contiguous,
+    namespace,
+)
 from .operators import hadamard_product
 
 __all__ = [
@@ -51,9 +58,7 @@ def _chunk_size(chunk, n, r, p):
     matmul overhead; measured best near 64 for ``r, p <= 128`` on NumPy."""
     if chunk is None:
         chunk = 64 if max(r, p) <= 128 else 32
-    elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
-    return min(chunk, n)
+    return min(check_integer(chunk, "chunk", optional=True), n)
 
 
 def _in_chunks(xp, a, chunk, count):

@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ._array import check_integer
+
 __all__ = [
     "KINDS",
     "MAX_DEGREE",
@@ -42,8 +44,7 @@ def _check_kind(kind):
 
 
 def _check_degree(degree, kind):
-    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
-        raise ValueError(f"degree must be a non-negative integer, got {degree!r}")
+    degree = check_integer(degree, "degree", low=0)
     if degree > MAX_DEGREE:
         raise ValueError(f"degree must be at most {MAX_DEGREE}, got {degree}")
     if kind == "taylor" and degree % 2:

@@ -14,15 +14,15 @@ from functools import lru_cache
 import array_api_extra as xpx
 from array_api_compat import device
 
+from ._array import check_integer
+
 __all__ = ["feature_weights", "features", "features_backward", "layout", "rank_for"]
 
 
 def rank_for(d, degree, /):
     """Rank ``C(d + g, g)`` of the symmetric monomial features of degree ``<= g`` in ``d``
     variables (docs/math.rst §2)."""
-    for name, value in (("d", d), ("degree", degree)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    d, degree = check_integer(d, "d", low=0), check_integer(degree, "degree", low=0)
     return math.comb(d + degree, degree)
 
 

@@ -37,13 +37,20 @@ subtracting the maximum over all levels at once.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import device
 
-from ._array import as_floating, check_last_dim, check_rows, namespace, resolve_scale, sum_to_shape
+from ._array import (
+    as_floating,
+    check_integer,
+    check_last_dim,
+    check_rows,
+    namespace,
+    resolve_scale,
+    sum_to_shape,
+)
 from .operators import check_operands, hadamard_product
 
 __all__ = [
@@ -78,23 +85,11 @@ class _Plan:
         return self.box(level) // self.basis
 
 
-def _positive_int(value, name):
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _plan(n, block, basis, causal):
-    block = _positive_int(block, "block")
+    block = check_integer(block, "block")
     if block & (block - 1):
         raise ValueError(f"block must be a power of two, got {block}")
-    basis = _positive_int(basis, "basis")
+    basis = check_integer(basis, "basis")
     if block % basis:
         raise ValueError(
             f"basis must divide the box size block={block} (every box is a multiple of "
@@ -110,7 +105,7 @@ def kernel_shapes(n, /, *, block=64, basis=4):
     ``c_ℓ = block · 2^{ℓ−1} / basis`` for the ``L = log2(N/block) − 1`` far-field levels of
     the padded length ``N``.
     """
-    plan = _plan(_positive_int(n, "n"), block, basis, True)
+    plan = _plan(check_integer(n, "n"), block, basis, True)
     return tuple((plan.chunk(level),) for level in range(1, plan.levels + 1))
 
 

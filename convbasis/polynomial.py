@@ -23,6 +23,7 @@ from array_api_compat import device
 
 from ._array import (
     as_floating,
+    check_integer,
     check_last_dim,
     check_rows,
     namespace,
@@ -85,10 +86,7 @@ def _plan(xp, q, k, scale, eps, degree, kind, max_rank):
         raise ValueError(
             f"give exactly one of eps and degree, got eps={eps!r} and degree={degree!r}"
         )
-    if max_rank is not None and (
-        isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1
-    ):
-        raise ValueError(f"max_rank must be a positive integer or None, got {max_rank!r}")
+    max_rank = check_integer(max_rank, "max_rank", optional=True)
     if eps is not None:
         eps = _check_eps(eps)
     else:

@@ -18,6 +18,7 @@ from array_api_compat import device
 
 from ._array import (
     as_floating,
+    check_integer,
     check_last_dim,
     check_rows,
     namespace,
@@ -25,7 +26,7 @@ from ._array import (
     sum_to_shape,
     validate_attention_inputs,
 )
-from .multipole import _PARAMS_DOC, _broadcast_and_pad, _plan, _positive_int, _prepare
+from .multipole import _PARAMS_DOC, _broadcast_and_pad, _plan, _prepare
 
 __all__ = [
     "SelfAttentionGradients",
@@ -66,9 +67,7 @@ class SelfAttentionGradients:
 def _check_block(block, n):
     if block is None:
         return n
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be a positive integer or None, got {block!r}")
-    return min(block, n)
+    return min(check_integer(block, "block"), n)
 
 
 def _weights(xp, q, k, scale, causal, row_offset):
@@ -311,7 +310,7 @@ def multipole_masks(n, /, *, xp, block=64, basis=4, causal=True, device=None):
     device : optional
         Device of the result.
     """
-    plan = _plan(_positive_int(n, "n"), block, basis, causal)
+    plan = _plan(check_integer(n, "n"), block, basis, causal)
     return tuple(mask[:n, :n] for mask in _level_masks(xp, plan, device))
 
 

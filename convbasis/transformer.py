@@ -27,7 +27,14 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from ._array import as_floating, check_last_dim, check_rows, namespace, sum_to_shape
+from ._array import (
+    as_floating,
+    check_integer,
+    check_last_dim,
+    check_rows,
+    namespace,
+    sum_to_shape,
+)
 from .gradients import GRADIENTS, attention_gradients
 from .operators import METHODS, attention_operator
 from .reference import attention as dense_attention
@@ -214,15 +221,12 @@ def init_params(
     _check_choice(norm, NORMS, "norm")
     _check_choice(activation, ACTIVATIONS, "activation")
 
-    def check_size(value, name):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        return value
-
-    for value, name in ((d_model, "d_model"), (layers, "layers"), (heads, "heads")):
-        check_size(value, name)
-    d_head = check_size(max(d_model // heads, 1) if d_head is None else d_head, "d_head")
-    d_ff = check_size(4 * d_model if d_ff is None else d_ff, "d_ff")
+    d_model, layers, heads = (
+        check_integer(value, name)
+        for value, name in ((d_model, "d_model"), (layers, "layers"), (heads, "heads"))
+    )
+    d_head = check_integer(max(d_model // heads, 1) if d_head is None else d_head, "d_head")
+    d_ff = check_integer(4 * d_model if d_ff is None else d_ff, "d_ff")
     dtype = xp.float64 if dtype is None else dtype
     gen = random.Random(seed)
 

@@ -451,7 +451,7 @@ def test_fit_exact_at_true_rank(xp, rng, n):
 def test_fit_bad_input(xp):
     h = xp.asarray(np.zeros((4, 4)))
     for k in (0, -1, 1.5, True, None):
-        with pytest.raises(ValueError, match=f"k must be an integer >= 1, got {k!r}"):
+        with pytest.raises(ValueError, match=f"k must be a positive integer, got {k!r}"):
             fit_conv_basis(h, k)
     with pytest.raises(ValueError, match=r"h must have shape \(\.\.\., n, n\) with n >= 1"):
         fit_conv_basis(xp.asarray(np.zeros((4, 3))), 2)
@@ -935,7 +935,7 @@ def test_bad_rank_probe_and_options(xp, rng):
     )
     for call in calls:
         for rank in (0, -2, 2.0, True, None, "3"):
-            with pytest.raises(ValueError, match=f"rank must be an integer >= 1, got {rank!r}"):
+            with pytest.raises(ValueError, match=f"rank must be a positive integer, got {rank!r}"):
                 call(rank=rank)
         for probe in (0, 6, 1.0, False):
             msg = rf"probe must be an integer in \[1, n = 5\], got {probe!r}"
@@ -1089,7 +1089,7 @@ def test_bad_basis(xp):
         with pytest.raises(ValueError, match="starts must be integers"):
             ConvBasis(starts, vec, 5)
     for n in (0, 2.0, -1):
-        with pytest.raises(ValueError, match=f"n must be an integer >= 1, got {n!r}"):
+        with pytest.raises(ValueError, match=f"n must be a positive integer, got {n!r}"):
             ConvBasis((0,), xp.asarray(np.ones((1, 2))), n)
     msg = r"vectors must have shape \(\.\.\., k, n\) = \(\.\.\., 2, 5\), got \(3, 5\)"
     with pytest.raises(ValueError, match=msg):

@@ -18,7 +18,13 @@ from typing import Any
 
 from array_api_compat import device
 
-from .._array import as_floating, check_rows, fast_length, namespace
+from .._array import (
+    as_floating,
+    check_integer,
+    check_rows,
+    fast_length,
+    namespace,
+)
 from ._fft import (
     segment_index,
     segment_matmul,
@@ -31,22 +37,8 @@ from ._fft import (
 __all__ = ["ConvBasis", "conv_matmul", "conv_rmatmul", "decompose_conv_basis", "fit_conv_basis"]
 
 
-def _check_integer(value, name, low, high=None):
-    """``value`` as an ``int`` in ``[low, high]``: Python or NumPy-style integers, not bool."""
-    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, n = {high}]"
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be {expected}, got {value!r}") from None
-    if number < low or (high is not None and number > high):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return number
-
-
 def _check_starts(starts, n):
-    n = _check_integer(n, "n", 1)
+    n = check_integer(n, "n")
     try:
         if any(isinstance(s, bool) for s in starts):
             raise TypeError
@@ -58,10 +50,6 @@ def _check_starts(starts, n):
     if any(starts[i + 1] <= starts[i] for i in range(len(starts) - 1)) or starts[-1] >= n:
         raise ValueError(f"starts must increase strictly and stay below n = {n}, got {starts}")
     return starts
-
-
-def _check_rank(rank, name="rank"):
-    return _check_integer(rank, name, 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +77,7 @@ class ConvBasis:
     n: int
 
     def __post_init__(self):
-        object.__setattr__(self, "n", _check_integer(self.n, "n", 1))
+        object.__setattr__(self, "n", check_integer(self.n, "n"))
         object.__setattr__(self, "starts", _check_starts(self.starts, self.n))
         if self.vectors.ndim < 2 or self.vectors.shape[-2:] != (len(self.starts), self.n):
             raise ValueError(
@@ -214,7 +202,7 @@ def _single(a, z, m):
     if n == 0:
         raise ValueError("a must be non-empty (n >= 1)")
     m = n if m is None else m
-    m = _check_integer(m, "m", 1, n)
+    m = check_integer(m, "m", high=n, what=f"n = {n}")
     try:
         xp.broadcast_shapes(a.shape[:-1], z.shape[:-2])
     except ValueError:
@@ -348,7 +336,7 @@ def fit_conv_basis(h, k, /):
         ``O(n²)`` time and memory (plus a sort of ``n`` numbers).
     """
     xp, h = _check_square(h)
-    k = _check_rank(k, "k")
+    k = check_integer(k, "k")
     n = h.shape[-1]
     dev = device(h)
     a = _aligned(xp, h)

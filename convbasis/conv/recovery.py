@@ -7,16 +7,20 @@ import math
 import array_api_extra as xpx
 from array_api_compat import device
 
-from .._array import resolve_scale, validate_attention_inputs
-from .basis import ConvBasis, _check_integer, _check_rank
+from .._array import (
+    check_integer,
+    resolve_scale,
+    validate_attention_inputs,
+)
+from .basis import ConvBasis
 
 __all__ = ["recover_conv_basis"]
 
 
 def _recovery_options(xp, q, k, rank, probe, delta, eps, scale):
     n, d = q.shape[-2], q.shape[-1]
-    rank = _check_rank(rank)
-    probe = _check_integer(probe, "probe", 1, n)
+    rank = check_integer(rank, "rank")
+    probe = check_integer(probe, "probe", high=n, what=f"n = {n}")
     eps = float(eps)
     if not eps >= 0.0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
