@@ -32,6 +32,7 @@ __all__ = [
     "rfft",
     "sum_to_shape",
     "validate_attention_inputs",
+    "validate_qk",
 ]
 
 
@@ -140,6 +141,21 @@ def validate_attention_inputs(q, k, v, *, causal, extra=(), extra_names=()):
             + ", ".join(f"{n} {a.shape}" for a, n in zip(arrays, names, strict=True))
         ) from None
     return (xp, *as_floating(xp, arrays, names))
+
+
+def validate_qk(q, k, *, causal, same_length=None):
+    """Validate queries ``q (..., n, d)`` and keys ``k (..., m, d)``; return ``(xp, q, k)``.
+
+    ``causal`` needs ``n == m``; so does ``same_length``, a phrase naming the method that
+    needs it in both directions (``"the k-conv basis"``).
+    """
+    xp, q, k, _ = validate_attention_inputs(q, k, k, causal=causal and same_length is None)
+    if same_length is not None and q.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"{same_length} needs as many queries as keys, got "
+            f"q shape {q.shape} and k shape {k.shape}"
+        )
+    return xp, q, k
 
 
 def resolve_scale(scale, d):

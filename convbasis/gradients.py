@@ -37,7 +37,7 @@ def _exact_formula(xp, q, k, v, g, *, method, causal, scale, **options):
 
 
 def _lowrank_model(xp, q, k, v, g, **options):
-    from .polynomial import model_gradients
+    from .polynomial_gradient import model_gradients
 
     return model_gradients(xp, q, k, v, g, **options)
 

@@ -28,7 +28,7 @@ from ._array import (
     check_rows,
     namespace,
     resolve_scale,
-    validate_attention_inputs,
+    validate_qk,
 )
 
 __all__ = [
@@ -189,7 +189,7 @@ def dense_operator(q, k, /, *, causal=True, scale=None):
     """
     from .reference import _weights  # reference imports multipole, which imports this module
 
-    xp, q, k, _ = validate_attention_inputs(q, k, k, causal=causal)
+    xp, q, k = validate_qk(q, k, causal=causal)
     return DenseAttentionOperator(_weights(xp, q, k, resolve_scale(scale, q.shape[-1]), causal, 0))
 
 

@@ -22,14 +22,11 @@ from typing import Any
 from array_api_compat import device
 
 from ._array import (
-    as_floating,
     check_integer,
-    check_last_dim,
-    check_rows,
     namespace,
     resolve_scale,
-    sum_to_shape,
     validate_attention_inputs,
+    validate_qk,
 )
 from .causal import masked_product
 from .exp_approximation import (
@@ -38,11 +35,10 @@ from .exp_approximation import (
     _check_kind,
     _fine_points,
     _measured_error,
-    coefficient_slopes,
     degree_for,
     exp_coefficients,
 )
-from .monomial_features import feature_weights, features, features_backward, rank_for
+from .monomial_features import feature_weights, features, rank_for
 from .operators import check_operands, hadamard_product
 
 __all__ = [
@@ -57,7 +53,7 @@ _BLOCK_ENTRIES = 2**21  # feature entries per factor per row block (8 MiB in flo
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _Polynomial:
     """Degree, coefficients and input scalings shared by factors, attention and operators."""
 
     degree: int
@@ -76,8 +72,8 @@ def _row_norm_max(xp, x):
     return float(xp.max(xp.sqrt(xp.sum(x * x, axis=-1))))
 
 
-def _plan(xp, q, k, scale, eps, degree, kind, max_rank):
-    """Choose the polynomial for inputs ``q, k`` and check rank and overflow (docs/math.rst §2–2.5).
+def _choose_polynomial(xp, q, k, scale, eps, degree, kind, max_rank):
+    """Choose the polynomial for inputs ``q, k`` and check rank and overflow (docs/math.rst §2).
 
     Costs ``O(n d)`` (row norms); refuses before any ``n × r`` allocation.
     """
@@ -131,7 +127,7 @@ def _plan(xp, q, k, scale, eps, degree, kind, max_rank):
             "rescale q and k or use a smaller degree"
         )
     rel_error = _measured_error(coeffs, radius, _fine_points(degree))
-    return _Plan(
+    return _Polynomial(
         degree=degree,
         coeffs=coeffs,
         radius=radius,
@@ -145,8 +141,8 @@ def _plan(xp, q, k, scale, eps, degree, kind, max_rank):
     )
 
 
-def _weight_arrays(xp, plan, like):
-    left, right = plan.weights
+def _weight_arrays(xp, poly, like):
+    left, right = poly.weights
     return (
         xp.asarray(left, dtype=like.dtype, device=device(like)),
         xp.asarray(right, dtype=like.dtype, device=device(like)),
@@ -199,15 +195,6 @@ class LowRankFactors:
         return self.u @ xp.matrix_transpose(self.v)
 
 
-def _validate_qk(q, k):
-    xp = namespace(q, k)
-    check_rows(q, "q")
-    check_rows(k, "k")
-    check_last_dim(k, "k", q.shape[-1], "the head dimension of q")
-    q, k = as_floating(xp, (q, k), ("q", "k"))
-    return xp, q, k
-
-
 def lowrank_factors(q, k, /, *, eps=None, degree=None, kind="chebyshev", scale=None, max_rank=None):
     """Low-rank factors ``U Vᵀ ≈ exp(s · Q Kᵀ)`` with entrywise relative error ``<= eps``.
 
@@ -237,17 +224,17 @@ def lowrank_factors(q, k, /, *, eps=None, degree=None, kind="chebyshev", scale=N
         ``max_rank``, or a radius so large that the features overflow the dtype (checked
         before any ``n × r`` allocation).
     """
-    xp, q, k = _validate_qk(q, k)
+    xp, q, k = validate_qk(q, k, causal=False)
     s = resolve_scale(scale, q.shape[-1])
-    plan = _plan(xp, q, k, s, eps, degree, kind, max_rank)
-    w_left, w_right = _weight_arrays(xp, plan, q)
+    poly = _choose_polynomial(xp, q, k, s, eps, degree, kind, max_rank)
+    w_left, w_right = _weight_arrays(xp, poly, q)
     return LowRankFactors(
-        u=features(xp, q * plan.q_scale, plan.degree, w_left),
-        v=features(xp, k * plan.k_scale, plan.degree, w_right),
-        degree=plan.degree,
-        radius=plan.radius,
-        rel_error_bound=plan.rel_error,
-        kind=plan.kind,
+        u=features(xp, q * poly.q_scale, poly.degree, w_left),
+        v=features(xp, k * poly.k_scale, poly.degree, w_right),
+        degree=poly.degree,
+        radius=poly.radius,
+        rel_error_bound=poly.rel_error,
+        kind=poly.kind,
     )
 
 
@@ -317,21 +304,21 @@ def lowrank_attention(
     """
     xp, q, k, v = validate_attention_inputs(q, k, v, causal=causal)
     s = resolve_scale(scale, q.shape[-1])
-    plan = _plan(xp, q, k, s, eps, degree, kind, max_rank)
-    _check_positive(plan.kind, plan.rel_error, plan.degree, plan.radius)
-    w_left, w_right = _weight_arrays(xp, plan, q)
-    q, k = q * plan.q_scale, k * plan.k_scale
+    poly = _choose_polynomial(xp, q, k, s, eps, degree, kind, max_rank)
+    _check_positive(poly.kind, poly.rel_error, poly.degree, poly.radius)
+    w_left, w_right = _weight_arrays(xp, poly, q)
+    q, k = q * poly.q_scale, k * poly.k_scale
     z = xp.concat([v, xp.ones_like(v[..., :1])], axis=-1)  # MATH §2.4: numerator and D at once
     mT = xp.matrix_transpose
     batch = _batch_size(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    chunk = _chunk_for(plan.rank)
-    rows = _block_rows(plan.rank, batch, chunk, max(q.shape[-2], k.shape[-2]))
+    chunk = _chunk_for(poly.rank)
+    rows = _block_rows(poly.rank, batch, chunk, max(q.shape[-2], k.shape[-2]))
 
     def phi(start, stop):
-        return features(xp, _slice_rows(q, start, stop), plan.degree, w_left)
+        return features(xp, _slice_rows(q, start, stop), poly.degree, w_left)
 
     def psi(start, stop):
-        return features(xp, _slice_rows(k, start, stop), plan.degree, w_right)
+        return features(xp, _slice_rows(k, start, stop), poly.degree, w_right)
 
     n, m = q.shape[-2], k.shape[-2]
     out, state = [], None
@@ -476,12 +463,7 @@ def lowrank_operator(
     LowRankAttentionOperator
         Holds the ``n × r`` factors: ``O((n + m) r)`` memory; ``D`` costs one product.
     """
-    xp, q, k = _validate_qk(q, k)
-    if causal and q.shape[-2] != k.shape[-2]:
-        raise ValueError(
-            "causal attention needs as many queries as keys, got "
-            f"q shape {q.shape} and k shape {k.shape}"
-        )
+    xp, q, k = validate_qk(q, k, causal=causal)
     factors = lowrank_factors(
         q, k, eps=eps, degree=degree, kind=kind, scale=scale, max_rank=max_rank
     )
@@ -499,70 +481,3 @@ def lowrank_operator(
         rel_error_bound=factors.rel_error_bound,
         kind=factors.kind,
     )
-
-
-def model_gradients(
-    xp, q, k, v, g, *, causal, scale, eps=None, degree=None, kind="chebyshev", max_rank=None
-):
-    """``(dq, dk, dv)``: the exact gradient of :func:`lowrank_attention`'s own output.
-
-    docs/math.rst §7: with ``A = M ∘ U₁U₂ᵀ``, ``U₁ = φ(Q̃)``, ``U₂ = ψ(K̃)``, ``O = D⁻¹ A V``,
-    ``G̃ = D⁻¹G`` and ``δ̃ = D⁻¹ rowsum(G ∘ O)``: ``∂L/∂A = M ∘ [G̃, −δ̃][V, 1]ᵀ``, so
-    ``dU₁ = (∂L/∂A) U₂`` and ``dU₂ = (∂L/∂A)ᵀ U₁`` are prefix products of rank ``e + 1`` with
-    ``r`` columns, ``dV = Ãᵀ G̃``, then the feature Jacobians.  The radius
-    ``R = |s| max‖q‖ max‖k‖`` moves the Chebyshev nodes: ``∂L/∂c_t = ⟨dU₁, U₁⟩_t / c_t``
-    (degree-``t`` block) enters through ``dc_t/dR`` at the two rows of largest norm.  The
-    degree is piecewise constant in ``R`` (no gradient).  Arrays already validated.
-
-    ``O(n r (e + c))`` time, ``O(n r)`` memory for the two factors.
-    """
-    plan = _plan(xp, q, k, scale, eps, degree, kind, max_rank)
-    _check_positive(plan.kind, plan.rel_error, plan.degree, plan.radius)
-    w_left, w_right = _weight_arrays(xp, plan, q)
-    qs, ks = q * plan.q_scale, k * plan.k_scale
-    u1 = features(xp, qs, plan.degree, w_left)
-    u2 = features(xp, ks, plan.degree, w_right)
-
-    def product(a, b, z, transpose=False):
-        return _unnormalised_product(xp, a, b, z, causal=causal, transpose=transpose)
-
-    ones = xp.ones((*v.shape[:-1], 1), dtype=v.dtype, device=device(v))
-    right = xp.concat([v, ones], axis=-1)
-    num = product(u1, u2, right)
-    d = num[..., -1:]
-    delta = xp.sum(g * (num[..., :-1] / d), axis=-1, keepdims=True)
-    g_norm = g / d
-    batch = xp.broadcast_shapes(g_norm.shape[:-2], delta.shape[:-2])
-    left = xp.concat(
-        [xp.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (g_norm, -delta / d)], axis=-1
-    )
-    du1 = product(left, right, u2)
-    du2 = product(left, right, u1, transpose=True)
-    dv = product(u1, u2, g_norm, transpose=True)
-    dq = plan.q_scale * features_backward(xp, qs, plan.degree, w_left, du1)
-    dk = plan.k_scale * features_backward(xp, ks, plan.degree, w_right, du2)
-    dq, dk = sum_to_shape(xp, dq, q.shape), sum_to_shape(xp, dk, k.shape)
-    if plan.kind == "chebyshev" and plan.radius > 0:
-        slopes = coefficient_slopes(plan.degree, plan.radius, kind=plan.kind)
-        d_radius, start = 0.0, 0
-        for t, (c, slope) in enumerate(zip(plan.coeffs, slopes, strict=True)):
-            stop = start + math.comb(q.shape[-1] + t - 1, t)
-            if c and slope:
-                inner = xp.sum(du1[..., start:stop] * u1[..., start:stop])
-                d_radius += float(inner) / c * slope
-            start = stop
-        q_max, k_max = plan.norm_max
-        dq = dq + (d_radius * abs(scale) * k_max) * _norm_max_gradient(xp, q)
-        dk = dk + (d_radius * abs(scale) * q_max) * _norm_max_gradient(xp, k)
-    return dq, dk, sum_to_shape(xp, dv, v.shape)
-
-
-def _norm_max_gradient(xp, x):
-    """Gradient of ``max_i ‖x_i‖`` (over every row of every batch element): ``x_a / ‖x_a‖`` on
-    the first row ``a`` of largest norm, zero elsewhere."""
-    norms = xp.sqrt(xp.sum(x * x, axis=-1))
-    flat = xp.reshape(norms, (-1,))
-    first = xp.argmax(flat)
-    hit = xp.arange(flat.shape[0], device=device(x)) == first
-    hit = xp.reshape(xp.astype(hit, x.dtype), norms.shape)[..., None]
-    return hit * x / xp.max(flat)

@@ -1,4 +1,5 @@
-"""All gradients of one self-attention layer, dense and through the low-rank operator.
+"""All gradients of one self-attention layer, dense and through the low-rank operator, and the
+two meanings of a fast method's gradient.
 
 Run: python examples/gradients.py [n]
 """
@@ -21,3 +22,13 @@ fast = cb.self_attention_gradients(x, w_q, w_k, w_v, g, method="lowrank", eps=1e
 for i, (a, b) in enumerate(zip(fast.terms, dense.terms, strict=True), 1):
     print(f"T{i}: relative error {np.abs(a - b).max() / np.abs(b).max():.1e}")
 print(f"dW_V: relative error {np.abs(fast.dw_v - dense.dw_v).max() / np.abs(dense.dw_v).max():.1e}")
+
+# The two meanings of a fast method's gradient (docs: "Fast gradients"): the exact formulas with
+# the approximate attention (default), and the exact gradient of the method's own output.
+q, k, v = x @ w_q, x @ w_k, x @ w_v
+exact = cb.attention_backward(q, k, v, g)
+for gradient in ("exact-formula", "model"):
+    for method, options in (("lowrank", {"eps": 1e-4}), ("multipole", {"block": 64, "basis": 4})):
+        grads = cb.attention_gradients(q, k, v, g, method=method, gradient=gradient, **options)
+        err = max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(grads, exact, strict=True))
+        print(f"{method:>9} {gradient:>13}: largest relative difference from exact {err:.1e}")

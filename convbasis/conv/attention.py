@@ -19,11 +19,15 @@ from typing import Any
 
 from array_api_compat import device
 
-from .._array import namespace, validate_attention_inputs
+from .._array import (
+    namespace,
+    validate_attention_inputs,
+    validate_qk,
+)
 from ..operators import check_operands, hadamard_product
 from ._fft import c_product, segment_index, valid_mask
 from .basis import ConvBasis, _masked_max
-from .recovery import _recover, _recovery_options, _validate_qk
+from .recovery import _recover, _recovery_options
 from .safeguard import ExactRows, noise_floor, under_resolved_rows
 
 __all__ = ["ConvAttentionOperator", "ConvBasisWarning", "conv_attention", "conv_operator"]
@@ -100,8 +104,7 @@ class ConvAttentionOperator:
         return (*self.lower.vectors.shape[:-2], self.n, self.n)
 
     @property
-    def recomputed_rows(self):
-        """``exact_rows.rows``."""
+    def recomputed_rows(self):  # documented with the attributes above
         return self.exact_rows.rows
 
     @cached_property
@@ -289,7 +292,7 @@ def conv_operator(q, k, /, *, rank, causal=True, probe=1, delta=None, scale=None
     ConvAttentionOperator
         Recovery ``O(rank (n d + T d log n))`` plus one FFT product ``O(rank n log n)``.
     """
-    xp, q, k = _validate_qk(q, k, causal)
+    xp, q, k = validate_qk(q, k, causal=causal, same_length="the k-conv basis")
     tol = _tolerance(xp, q.dtype, tolerance)
     op, _ = _build(xp, q, k, rank, causal, probe, delta, scale, tol)
     return op
@@ -329,7 +332,8 @@ def conv_attention(
         ``O(rank (n (d + e) log n))`` time, ``O(n (e + rank))`` memory beyond the inputs,
         plus ``O(n (d + e))`` per recomputed row.
     """
-    xp, q, k = _validate_qk(q, k, causal)  # recovery in the precision that q, k carry
+    # recovery in the precision that q, k carry
+    xp, q, k = validate_qk(q, k, causal=causal, same_length="the k-conv basis")
     _, _, _, v = validate_attention_inputs(q, k, v, causal=False)  # v in the common dtype
     tol = _tolerance(xp, q.dtype, tolerance)
     op, prod = _build(xp, q, k, rank, causal, probe, delta, scale, tol, with_values=v)

@@ -10,7 +10,7 @@ from array_api_compat import device
 from .._array import (
     check_integer,
     resolve_scale,
-    validate_attention_inputs,
+    validate_qk,
 )
 from .basis import ConvBasis
 
@@ -85,17 +85,6 @@ def _recover(xp, q, k, scale, rank, probe, delta, eps):
     return tuple(starts), xp.stack(vectors, axis=-2)
 
 
-def _validate_qk(q, k, causal):
-    # Both directions need n == m: the same message for both (not "causal attention ...").
-    xp, q, k, _ = validate_attention_inputs(q, k, k, causal=False)
-    if q.shape[-2] != k.shape[-2]:
-        raise ValueError(
-            "the k-conv basis needs as many queries as keys, got "
-            f"q shape {q.shape} and k shape {k.shape}"
-        )
-    return xp, q, k
-
-
 def recover_conv_basis(q, k, /, *, rank, probe=1, delta=None, eps=0.0, scale=None, causal=True):
     """Recover the k-conv basis of the logits ``s · M ∘ Q Kᵀ`` without forming them.
 
@@ -140,7 +129,7 @@ def recover_conv_basis(q, k, /, *, rank, probe=1, delta=None, eps=0.0, scale=Non
     ConvBasis, or a tuple of two when ``causal=False``
         ``O(rank (n d + T d log n))`` time, ``O(rank · n)`` memory.
     """
-    xp, q, k = _validate_qk(q, k, causal)
+    xp, q, k = validate_qk(q, k, causal=causal, same_length="the k-conv basis")
     rank, probe, delta, eps, scale = _recovery_options(xp, q, k, rank, probe, delta, eps, scale)
     n = q.shape[-2]
     lower = ConvBasis(*_recover(xp, q, k, scale, rank, probe, delta, eps), n)
