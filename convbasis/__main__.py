@@ -100,8 +100,8 @@ def _rows(n, d, rng):
     out, sec = _timed(lambda: conv_attention(q_c, k_c, v_c, rank=rank))
     yield f"k-conv basis attention (exact instance, rank {rank})", n, d_c, _rel(out, exact), sec
 
-    # Fast gradients through the conv-basis and low-rank operators (MATH §3); their cost grows
-    # as d², so they run at head dimension 16 (conv) and 8 (low-rank).
+    # Fast gradients through the conv-basis and low-rank operators (docs/math.rst §3); their cost
+    # grows as d², so they run at head dimension 16 (conv) and 8 (low-rank).
     q_c, k_c, v_c, _ = rotary_conv_instance(rng, n, 16, starts, logit_scale=4.0)
     g_c = rng.standard_normal((n, 16))
     explicit = reference.attention_backward(q_c, k_c, v_c, g_c)
@@ -119,11 +119,11 @@ def _rows(n, d, rng):
     err = _rel_all(grads, explicit)
     yield "low-rank gradients (dq, dk, dv), eps 1e-3", n, 8, err, sec
 
-    # One training step of a small transformer (MATH §5): 2 layers, 2 heads, d_model 32, conv-basis
-    # attention (rank 8): loss and every gradient by the fast backward, then one SGD step.  The
-    # error is the worst per-layer relative gradient error against the dense float64 backward.
-    # W_Q, W_K are shrunk so the logits are bounded; a random model has no exact 8-segment
-    # basis, so this is an approximation (a few percent).
+    # One training step of a small transformer (docs/math.rst §5): 2 layers, 2 heads, d_model 32,
+    # conv-basis attention (rank 8): loss and every gradient by the fast backward, then one SGD
+    # step.  The error is the worst per-layer relative gradient error against the dense float64
+    # backward.  W_Q, W_K are shrunk so the logits are bounded; a random model has no exact
+    # 8-segment basis, so this is an approximation (a few percent).
     params = transformer.init_params(32, layers=2, heads=2, xp=np, dtype=np.float32, seed=0)
     params = dataclasses.replace(
         params,
@@ -215,7 +215,7 @@ def _method_runners(args):
 
 
 def _inputs(kind, n, d, dtype, rng):
-    if kind == "uniform":  # bounded entries, where the polynomial method applies (MATH §2)
+    if kind == "uniform":  # bounded entries, where the polynomial method applies (docs/math.rst §2)
         return [rng.uniform(-1, 1, (n, d)).astype(dtype) for _ in range(3)]
     return [rng.standard_normal((n, d)).astype(dtype) for _ in range(3)]
 

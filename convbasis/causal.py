@@ -1,4 +1,4 @@
-"""Causal-mask products of low-rank matrices ("prefix products", MATH.md §1).
+"""Causal-mask products of low-rank matrices ("prefix products", docs/math.rst §1).
 
 ``(M ∘ U Vᵀ) Z`` with ``M[i, j] = 1`` iff ``i >= j`` never needs the ``n × n`` matrix: row
 ``i`` is ``U[i] · Σ_{j<=i} V[j]ᵀ Z[j]``.  The chunked form below splits the rows into chunks
@@ -99,7 +99,7 @@ def masked_product(xp, u, v, z, *, upper, strict, chunk):
         out += u_c @ seen
         return out
 
-    # MATH §1: chunk states S_t = V_tᵀ Z_t; each chunk sees their exclusive prefix (suffix)
+    # docs/math.rst §1: chunk states S_t = V_tᵀ Z_t; each chunk sees their exclusive prefix (suffix)
     # sum.
     count = math.ceil(n / chunk)
     u_c, v_c, z_c = (_in_chunks(xp, a, chunk, count) for a in (u, v, z))
@@ -146,7 +146,7 @@ def masked_lowrank_matmul(u, v, z, /, *, transpose=False, strict=False, chunk=No
 
 
 def masked_hadamard_matmul(u, v, g, y, z, /, *, transpose=False, strict=False, chunk=None):
-    """``(M ∘ U Vᵀ ∘ G Yᵀ) Z`` or its transpose, in the loop form of MATH.md §1.
+    """``(M ∘ U Vᵀ ∘ G Yᵀ) Z`` or its transpose, in the loop form of docs/math.rst §1.
 
     Uses ``(M ∘ U Vᵀ ∘ G Yᵀ) Z = Σ_l diag(G[:, l]) (M ∘ U Vᵀ) diag(Y[:, l]) Z`` (transpose:
     ``Σ_l diag(Y[:, l]) (M ∘ U Vᵀ)ᵀ diag(G[:, l]) Z``), so the rank-``r s`` face-splitting
@@ -186,7 +186,7 @@ def masked_hadamard_matmul(u, v, g, y, z, /, *, transpose=False, strict=False, c
 def face_splitting_product(u, g, /):
     """Row-wise Kronecker product: ``(U ⊙ G)[i, a·s + b] = U[i, a] · G[i, b]``.
 
-    With it ``M ∘ U Vᵀ ∘ G Yᵀ = M ∘ (U ⊙ G)(V ⊙ Y)ᵀ`` (MATH.md §1).
+    With it ``M ∘ U Vᵀ ∘ G Yᵀ = M ∘ (U ⊙ G)(V ⊙ Y)ᵀ`` (docs/math.rst §1).
 
     Parameters
     ----------

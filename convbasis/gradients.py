@@ -151,7 +151,7 @@ def self_attention_gradients(
     """The five ``∂L/∂X`` terms and all weight gradients of one self-attention layer.
 
     Same result type and conventions as :func:`convbasis.reference.self_attention_gradients`,
-    but ``f`` is reached only through operator products (MATH.md §3):
+    but ``f`` is reached only through operator products (docs/math.rst §3):
 
     ``T1 = s (f∘GYᵀ) X Wᵀ``, ``T2 = −s diag(δ) f X Wᵀ``, ``T3 = s (f∘GYᵀ)ᵀ X W``,
     ``T4 = −s fᵀ diag(δ) X W``, ``T5 = fᵀ G W_Vᵀ``, ``∂W = s Xᵀ (f∘GYᵀ − diag(δ) f) X``.

@@ -281,9 +281,9 @@ def lowrank_attention(
     """Softmax attention through the polynomial factors: ``O = D̃⁻¹ Ã V``, ``Ã = φ(Q) ψ(K)ᵀ``.
 
     Bidirectional: ``[num, den] = φ(Q) (ψ(K)ᵀ [V, 1])`` (two matmuls).  Causal: the chunked
-    prefix product ``(M ∘ φ(Q) ψ(K)ᵀ) [V, 1]`` of MATH.md §1.  Features are built a block of
+    prefix product ``(M ∘ φ(Q) ψ(K)ᵀ) [V, 1]`` of docs/math.rst §1.  Features are built a block of
     rows at a time, so ``n × r`` factors are never held whole.  If ``|Ã − A| <= εA``
-    entrywise then ``‖Õ − O‖_∞ <= 2ε/(1−ε) ‖V‖_∞`` (MATH.md §2.4).
+    entrywise then ``‖Õ − O‖_∞ <= 2ε/(1−ε) ‖V‖_∞`` (docs/math.rst §2.4).
 
     Parameters
     ----------
@@ -308,7 +308,8 @@ def lowrank_attention(
     _check_positive(poly.kind, poly.rel_error, poly.degree, poly.radius)
     w_left, w_right = _weight_arrays(xp, poly, q)
     q, k = q * poly.q_scale, k * poly.k_scale
-    z = xp.concat([v, xp.ones_like(v[..., :1])], axis=-1)  # MATH §2.4: numerator and D at once
+    # docs/math.rst §2.4: the numerator and D in one product
+    z = xp.concat([v, xp.ones_like(v[..., :1])], axis=-1)
     mT = xp.matrix_transpose
     batch = _batch_size(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     chunk = _chunk_for(poly.rank)
@@ -329,7 +330,7 @@ def lowrank_attention(
             y = masked_product(
                 xp, u_b, v_b, z_b, upper=False, strict=False, chunk=min(chunk, stop - start)
             )
-            # MATH §1: earlier blocks enter through the running state Σ ψ(K_j)ᵀ Z_j.
+            # docs/math.rst §1: earlier blocks enter through the running state Σ ψ(K_j)ᵀ Z_j.
             if state is not None:
                 y = y + u_b @ state
             out.append(y)
@@ -346,7 +347,8 @@ def lowrank_attention(
 
 
 def _unnormalised_product(xp, u, v, z, *, causal, transpose):
-    """``Ã Z`` or ``Ãᵀ Z`` with ``Ã = U Vᵀ``, masked (MATH §1 prefix/suffix sums) if causal."""
+    """``Ã Z`` or ``Ãᵀ Z`` with ``Ã = U Vᵀ``, masked (docs/math.rst §1: prefix or suffix sums)
+    if causal."""
     if transpose:
         u, v = v, u
     if causal:
@@ -359,7 +361,7 @@ def _unnormalised_product(xp, u, v, z, *, causal, transpose):
 class LowRankAttentionOperator:
     """``f = D⁻¹ Ã`` with ``Ã = U Vᵀ`` (``M ∘ U Vᵀ`` if causal) and ``D = diag(Ã·1)``.
 
-    The four products of MATH.md §3 cost ``O(n r p)`` (bidirectional) or
+    The four products of docs/math.rst §3 cost ``O(n r p)`` (bidirectional) or
     ``O(n r (p + c))`` (causal, chunk ``c``) each; the Hadamard ones ``s`` times that for
     ``G, Y`` of width ``s``.  The normaliser is computed once, at construction.
 
@@ -368,7 +370,7 @@ class LowRankAttentionOperator:
     u : array ``(..., n, r)``
     v : array ``(..., m, r)``
     normaliser : array ``(..., n, 1)``
-        ``Ã·1``; positive (MATH §2: ``P >= (1 − ε) eˣ > 0`` on ``[-R, R]``).
+        ``Ã·1``; positive (docs/math.rst §2: ``P >= (1 − ε) eˣ > 0`` on ``[-R, R]``).
     causal : bool
     degree, radius, rel_error_bound, kind
         As in :class:`LowRankFactors`.

@@ -26,7 +26,7 @@ from ._array import (
     sum_to_shape,
     validate_attention_inputs,
 )
-from .multipole import _PARAMS_DOC, _broadcast_and_pad, _plan, _prepare
+from .multipole.geometry import PARAMS_DOC, broadcast_and_pad, geometry, prepare
 
 __all__ = [
     "SelfAttentionGradients",
@@ -42,12 +42,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SelfAttentionGradients:
-    """Gradients of ``L(O)`` for ``O = softmax(s · X W_Q W_Kᵀ Xᵀ) X W_V`` (MATH.md §3).
+    """Gradients of ``L(O)`` for ``O = softmax(s · X W_Q W_Kᵀ Xᵀ) X W_V`` (docs/math.rst §3).
 
     Attributes
     ----------
     terms : tuple of 5 arrays, each ``(..., n, d_model)``
-        ``T1 … T5`` of MATH.md §3; they sum to ``dx``.
+        ``T1 … T5`` of docs/math.rst §3; they sum to ``dx``.
     dx : array ``(..., n, d_model)``
         ``∂L/∂X``.
     dw : array ``(..., d_model, d_model)``
@@ -151,7 +151,7 @@ def attention_backward(q, k, v, grad_out, /, *, causal=True, scale=None, block=N
     """Gradients of ``L(O)`` for ``O = attention(q, k, v)`` given ``grad_out = ∂L/∂O``.
 
     With ``f`` the attention weights, ``δ = rowsum(G ∘ O)`` and ``P = f ∘ (G Vᵀ) − diag(δ) f``
-    (MATH.md §3): ``dq = s P K``, ``dk = s Pᵀ Q``, ``dv = fᵀ G``.
+    (docs/math.rst §3): ``dq = s P K``, ``dk = s Pᵀ Q``, ``dv = fᵀ G``.
 
     Parameters
     ----------
@@ -226,7 +226,7 @@ def self_attention_gradients(x, w_q, w_k, w_v, grad_out, /, *, causal=True, scal
     """All gradients of one self-attention layer, with the five ``∂L/∂X`` terms separate.
 
     Forward: ``O = f · X W_V`` with ``f = softmax(s · X W Xᵀ)``, ``W = W_Q W_Kᵀ``.  The terms
-    are evaluated literally as printed in MATH.md §3 from the dense ``n × n`` matrix ``f``.
+    are evaluated literally as printed in docs/math.rst §3 from the dense ``n × n`` matrix ``f``.
 
     Parameters
     ----------
@@ -250,7 +250,7 @@ def self_attention_gradients(x, w_q, w_k, w_v, grad_out, /, *, causal=True, scal
     mT = xp.matrix_transpose
     y = x @ w_v
     f = _weights(xp, x @ w_q, x @ w_k, s, causal, 0)
-    delta = xp.sum(g * (f @ y), axis=-1, keepdims=True)  # MATH §3: q = rowsum(G ∘ O)
+    delta = xp.sum(g * (f @ y), axis=-1, keepdims=True)  # docs/math.rst §3: q = rowsum(G ∘ O)
     f_gy = f * (g @ mT(y))
     w = w_q @ mT(w_k)
     x_wt, x_w = x @ mT(w), x @ w
@@ -310,7 +310,7 @@ def multipole_masks(n, /, *, xp, block=64, basis=4, causal=True, device=None):
     device : optional
         Device of the result.
     """
-    plan = _plan(check_integer(n, "n"), block, basis, causal)
+    plan = geometry(check_integer(n, "n"), block, basis, causal)
     return tuple(mask[:n, :n] for mask in _level_masks(xp, plan, device))
 
 
@@ -326,11 +326,11 @@ def multipole_weights(q, k, /, *, block=64, basis=4, causal=True, downsample="me
     q, k : arrays ``(..., n, d)``
     {params}
     """
-    xp, plan, (q, k), kernels = _prepare(
+    xp, plan, (q, k), kernels = prepare(
         (q, k), ("q", "k"), block=block, basis=basis, causal=causal, downsample=downsample
     )
     s = resolve_scale(scale, q.shape[-1])
-    qp, kp = _broadcast_and_pad(xp, plan, (q, k))
+    qp, kp = broadcast_and_pad(xp, plan, (q, k))
     dev = device(qp)
     big, n = plan.padded, plan.n
     masks = _level_masks(xp, plan, dev)
@@ -377,7 +377,7 @@ def multipole_reference(
 
     ``O(n² (L d + e))`` time and ``O(n²)`` memory; for tests on small ``n``.
     """
-    _, _, (q, k, v), kernels = _prepare(
+    _, _, (q, k, v), kernels = prepare(
         (q, k, v),
         ("q", "k", "v"),
         block=block,
@@ -399,5 +399,5 @@ def multipole_reference(
 
 if multipole_weights.__doc__:  # None under python -OO
     multipole_weights.__doc__ = multipole_weights.__doc__.replace(
-        "{params}", _PARAMS_DOC.strip("\n").lstrip()
+        "{params}", PARAMS_DOC.strip("\n").lstrip()
     )

@@ -87,7 +87,7 @@ def rotary_conv_instance(
     ``q_i = R(i) q̄`` and ``k_j = R(j) κ_{seg(j)}`` with ``R`` the RoPE rotation (pairs of
     coordinates rotated by ``position · θ_m``, ``θ_m = 10000^{-2m/d}``), so
     ``s ⟨q_i, k_j⟩ = s ⟨q̄, R(j - i) κ_{seg(j)}⟩`` depends only on ``i - j`` and the segment
-    of ``j`` (MATH.md §4): the causal logits have an exact basis with the given ``starts``.
+    of ``j`` (docs/math.rst §4): the causal logits have an exact basis with the given ``starts``.
     The diagonal logits ``s ⟨q̄, κ_l⟩`` of consecutive segments differ by at least
     ``gap · logit_scale`` (and all segments' are distinct), so the recovery with ``probe=1``
     is non-degenerate.  ``logit_scale`` sets the logits' typical magnitude.
@@ -140,7 +140,7 @@ def alibi_conv_instance(
     ``s ⟨q_i, k_j⟩ = -slope · (i - j) + β_{seg(j)}``: with one segment (``biases=None``,
     ``starts=(0,)``) this is ALiBi, an exact ``k = 1`` basis; per-segment key biases ``β_l``
     make it an exact ``k``-segment basis whose rows have different maxima (the dynamic-range
-    stress case of MATH.md §4).  The three-dimensional construction
+    stress case of docs/math.rst §4).  The three-dimensional construction
     ``q_i = [-slope i, 1, 1] / s``, ``k_j = [1, slope j, β]`` is rotated by a random orthogonal
     ``d × d`` matrix (``d >= 3``).
 

@@ -1,4 +1,4 @@
-"""Prefix products against the explicit masked n x n matrices (MATH.md §1)."""
+"""Prefix products against the explicit masked n x n matrices (docs/math.rst §1)."""
 
 from __future__ import annotations
 

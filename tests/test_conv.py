@@ -1,4 +1,4 @@
-"""k-conv basis (MATH.md §4): FFT products, decomposition, fit, recovery, attention, operator."""
+"""k-conv basis (docs/math.rst §4): FFT products, decomposition, fit, recovery, attention."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ EXACT = np.longdouble
 
 def sub_conv_dense(a, m=None):
     """``conv(a, m)`` explicitly: ``(..., n)`` -> ``(..., n, n)``, zero outside the bottom-right
-    ``m × m`` block, ``conv(a[:m])`` inside (MATH.md §4)."""
+    ``m × m`` block, ``conv(a[:m])`` inside (docs/math.rst §4)."""
     n = a.shape[-1]
     m = n if m is None else m
     i, j = np.arange(n)[:, None], np.arange(n)[None, :]
@@ -659,7 +659,7 @@ def assert_namespace_dtype(actual, xp, dtype, shape):
 
 
 def _instances(rng, n, dtype):
-    """Exact instances ``(name, q, k, v, rank, causal_only)`` (MATH.md §4)."""
+    """Exact instances ``(name, q, k, v, rank, causal_only)`` (docs/math.rst §4)."""
     out = []
     q, k, v, starts = rotary_conv_instance(rng, n, 8, (0,), dtype=dtype)
     out.append(("rotary-1", q, k, v, 1, False))
@@ -843,7 +843,7 @@ def test_rotary_recovery_and_attention_property(xp, n, count, batch, dtype, seed
 
 
 # --------------------------------------------------------------------------------------
-# Dynamic range: the safeguard (MATH.md §4)
+# Dynamic range: the safeguard (docs/math.rst §4)
 # --------------------------------------------------------------------------------------
 
 
@@ -948,8 +948,8 @@ def test_bad_rank_probe_and_options(xp, rng):
             call(rank=2, scale=math.inf)
     # NumPy-style integers are integers
     assert recover_conv_basis(q, k, rank=np.int64(2), probe=np.int32(2)).rank <= 2
-    # delta must exceed 4 T eps (MATH.md §4)
-    msg = r"delta must exceed 4 \* probe \* eps = 0.8 \(MATH.md §4\), got 0.8"
+    # delta must exceed 4 T eps (docs/math.rst §4)
+    msg = r"delta must exceed 4 \* probe \* eps = 0.8 \(docs/math.rst §4\), got 0.8"
     with pytest.raises(ValueError, match=msg):
         recover_conv_basis(q, k, rank=2, probe=2, eps=0.1, delta=0.8)
     assert recover_conv_basis(q, k, rank=2, probe=2, eps=0.1, delta=0.81).rank >= 1

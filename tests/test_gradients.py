@@ -1,4 +1,4 @@
-"""Gradients through attention operators against the dense reference (MATH.md §3)."""
+"""Gradients through attention operators against the dense reference (docs/math.rst §3)."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def test_lowrank_self_attention_terms_shrink_with_eps(xp, rng, causal, dtype):
 # τ (+ 8 eps max|golden|, see ``assert_within_reference_error``).  The operator is asked for
 # round-off accuracy: rows whose predicted relative FFT error exceeds CONV_TOLERANCE · eps are
 # recomputed exactly (the FFT's error is absolute, so rows with little attention mass would
-# otherwise carry up to ``sqrt(eps)`` relative error by design; MATH.md §4).
+# otherwise carry up to ``sqrt(eps)`` relative error by design; docs/math.rst §4).
 CONV_FACTOR = 5.0
 CONV_TOLERANCE = 16
 CONV_KINDS = ("rotary", "alibi", "generic")

@@ -1,7 +1,7 @@
 """Fast Multipole Attention against its dense-mask oracle, finite differences and exact attention.
 
-MATH.md §6.  The oracle :func:`multipole_weights` builds the ``n × n`` weights per key from the
-FMM definition (parent neighbours, not neighbours), independently of the fast path's
+docs/math.rst §6.  The oracle :func:`multipole_weights` builds the ``n × n`` weights per key
+from the FMM definition (parent neighbours, not neighbours), independently of the fast path's
 pair-shift gather.
 """
 

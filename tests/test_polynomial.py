@@ -1,4 +1,4 @@
-"""Polynomial method (MATH.md §2): exp approximations, low-rank factors, attention, operator."""
+"""Polynomial method (docs/math.rst §2): exp approximations, factors, attention, operator."""
 
 from __future__ import annotations
 
@@ -218,7 +218,7 @@ def test_factors_negative_scale_and_zero_inputs(xp, rng):
 
 
 def _check_attention(xp, q, k, v, *, causal, eps, kind, scale, dtype):
-    """Error against the float64 oracle within the MATH §2.4 bound plus round-off."""
+    """Error against the float64 oracle within the docs/math.rst §2.4 bound plus round-off."""
     q, k, v = (a.astype(dtype) for a in (q, k, v))
     out = lowrank_attention(
         xp.asarray(q),
@@ -330,7 +330,7 @@ def test_operator_products(xp, rng, causal, dtype):
         assert_close(actual, actual, xp=xp, dtype=xp.asarray(z).dtype)
         assert_within_reference_error(actual, golden, baseline)
     assert_within_reference_error(op.to_dense(), f, f_low)
-    # the operator approximates the true attention weights within the MATH §2.4 ratio bound
+    # the operator approximates the true attention weights within the docs/math.rst §2.4 ratio bound
     exact = attention_weights(q.astype(np.float64), k.astype(np.float64), causal=causal, scale=0.5)
     total = op.rel_error_bound + _roundoff(lowrank_factors(q, k, eps=1e-4, scale=0.5), dtype)
     dense = to_numpy(op.to_dense()).astype(np.float64)

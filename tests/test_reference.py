@@ -138,7 +138,7 @@ def test_backward_keeps_dtype(xp, rng, dtype):
     assert all(grad.dtype == getattr(xp, dtype) for grad in grads)
 
 
-# --- self-attention gradients (MATH.md §3) ---------------------------------------------
+# --- self-attention gradients (docs/math.rst §3) ---------------------------------------------
 
 
 def self_attention_loss(x, w_q, w_k, w_v, g, causal, scale):

@@ -1,4 +1,4 @@
-"""Multi-layer transformer backward (MATH.md §5) against finite differences and the dense path."""
+"""Multi-layer transformer backward (docs/math.rst §5) against finite differences and dense."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The k-conv basis (MATH.md §4) against the blocked dense reference on the same inputs.
+"""The k-conv basis (docs/math.rst §4) against the blocked dense reference on the same inputs.
 
 Target (conv-basis issue): causal ``conv_attention`` at n = 131072, d = 64, rank 16, float32,
 NumPy, on an exact instance (``rotary_conv_instance`` with 16 equal segments):
@@ -47,7 +47,7 @@ SIZES = [2**12, 2**14, 2**17]
 
 
 def instance(xp, n, dtype="float32", seed=0):
-    """Exact 16-segment rotary instance (MATH.md §4): ``q, k, v`` in ``xp`` and the starts."""
+    """Exact 16-segment rotary instance (docs/math.rst §4): ``q, k, v`` in ``xp`` and the starts."""
     starts = tuple(n * i // SEGMENTS for i in range(SEGMENTS))
     q, k, v, starts = rotary_conv_instance(np.random.default_rng(seed), n, D, starts, dtype=dtype)
     return xp.asarray(q), xp.asarray(k), xp.asarray(v), starts
@@ -223,7 +223,7 @@ class ConvProducts:
 
 
 class RecoverConvBasis:
-    """``recover_conv_basis(q, k, rank=16)`` (binary search, MATH.md §4) against
+    """``recover_conv_basis(q, k, rank=16)`` (binary search, docs/math.rst §4) against
     ``decompose_conv_basis`` of the dense causal logits (``O(n²)``, only up to
     ``DECOMPOSE_MAX_N``)."""
 

@@ -42,7 +42,7 @@ REFERENCE_MAX_N = 2**13  # the unblocked reference above this needs > 6 GB
 def conv_layer(n, dtype="float32", seed=0):
     """A layer whose logits ``s X W_Q (X W_K)ᵀ`` have an exact 8-segment k-conv basis.
 
-    ``X = [q, k]`` from an 8-dimensional rotary instance (MATH.md §4) at the scale
+    ``X = [q, k]`` from an 8-dimensional rotary instance (docs/math.rst §4) at the scale
     ``1/sqrt(16)`` of 16-wide heads; ``W_Q``, ``W_K`` (16 × 16) select ``q`` and ``k`` into the
     first 8 head coordinates, so ``X W_Q = [q, 0]`` and ``X W_K = [k, 0]`` exactly.  ``W_V``
     and ``G = ∂L/∂O`` are random.  Returns NumPy arrays ``x, w_q, w_k, w_v, g``.

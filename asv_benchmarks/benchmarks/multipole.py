@@ -1,4 +1,4 @@
-"""Fast Multipole Attention against blocked dense attention on the same inputs (MATH.md §6).
+"""Fast Multipole Attention against blocked dense attention on the same inputs (docs/math.rst §6).
 
 Target (issue): causal, n = 131072, d = 64, block 64, basis 4, float32, NumPy: FMA at least
 20x faster than ``convbasis.reference.attention(..., block=DENSE_BLOCK)``; time growth

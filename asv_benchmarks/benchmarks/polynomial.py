@@ -1,4 +1,4 @@
-"""Polynomial low-rank attention against the blocked dense reference (MATH.md §2).
+"""Polynomial low-rank attention against the blocked dense reference (docs/math.rst §2).
 
 Inputs as in the issue's target: entries of Q, K, V uniform in [-1, 1], scale 1/d, so every
 logit lies in [-R, R] with R <= 1.  Each class times the fast path and the dense reference

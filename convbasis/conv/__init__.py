@@ -1,4 +1,4 @@
-"""The k-conv basis (MATH.md §4): FFT products, exact decomposition, recovery, attention.
+"""The k-conv basis (docs/math.rst §4): FFT products, exact decomposition, recovery, attention.
 
 A lower-triangular ``H`` has a k-conv basis when its aligned columns ``H[j:, j]`` are
 piecewise constant in ``j`` (:class:`ConvBasis`: the starts ``σ_i`` and cumulative vectors

@@ -1,4 +1,4 @@
-"""Segment-form FFT kernels of the k-conv basis (MATH.md §4).
+"""Segment-form FFT kernels of the k-conv basis (docs/math.rst §4).
 
 Arrays are in the transposed layout ``(..., p, n)``: the FFT runs along the contiguous last
 axis.  A plan entry is ``(start, stop, length m, FFT length N)``; :func:`segment_plan` builds
@@ -89,7 +89,7 @@ def _direct_corr(xp, c, zt, s, e):
 def segment_matmul(xp, plan, spectra, columns, zt, n):
     """``H Z`` in the transposed layout: ``zt (..., p, n)`` -> ``(..., p, n)``.
 
-    MATH §4 segment form: segment ``i`` adds ``conv(c_i[:m_i], Z[σ_i:σ_{i+1}])[: m_i]`` to
+    docs/math.rst §4 segment form: segment ``i`` adds ``conv(c_i[:m_i], Z[σ_i:σ_{i+1}])[: m_i]`` to
     rows ``σ_i:``; ``columns (..., k, n)`` are the vectors ``c_i`` (used directly for short
     segments), ``spectra`` their FFTs.
     """
@@ -113,7 +113,7 @@ def segment_matmul(xp, plan, spectra, columns, zt, n):
 
 
 def segment_rmatmul(xp, plan, spectra, columns, zt, n):
-    """``Hᵀ Z`` in the transposed layout (MATH §4: the transpose is a correlation).
+    """``Hᵀ Z`` in the transposed layout (docs/math.rst §4: the transpose is a correlation).
 
     Columns ``σ_i … σ_{i+1}-1`` of ``Hᵀ Z`` are ``Σ_t c_i[t] Z[j + t]``: the correlation of
     ``c_i`` with ``Z[σ_i:]``, read off the conjugate spectrum (same length ``N_i``); short

@@ -1,4 +1,4 @@
-"""Conv-basis attention ``f = D⁻¹ C`` (MATH.md §3, §4): the operator and its builders.
+"""Conv-basis attention ``f = D⁻¹ C`` (docs/math.rst §3, §4): the operator and its builders.
 
 :func:`conv_attention` and :func:`conv_operator` recover the basis of the logits from ``Q, K``
 (:func:`~convbasis.conv.recover_conv_basis`), exponentiate it with one global shift per batch
@@ -44,7 +44,7 @@ class ConvBasisWarning(UserWarning):
 
 @dataclass(frozen=True, eq=False)
 class ConvAttentionOperator:
-    """Normalised conv-basis attention ``f = D⁻¹ C`` as an operator (MATH.md §3, §4).
+    """Normalised conv-basis attention ``f = D⁻¹ C`` as an operator (docs/math.rst §3, §4).
 
     ``C = M ∘ exp(S - μ)`` (causal) or ``exp(S - μ)`` with ``S`` the recovered logit basis:
     the lower part (with diagonal) from ``lower``, the strictly upper part as the transpose of
@@ -202,15 +202,15 @@ def _warn_if_inexact(residual, rank):
     if not bound <= _WARN_OUTPUT_ERROR:  # also for a NaN residual (NaN inputs)
         warnings.warn(
             f"the rank-{rank} conv basis misses sampled logits by up to {residual:.3g}, so the "
-            f"attention output may be off by up to about {bound:.3g} x max|V| (MATH.md §4): the "
-            "logits may lack a few-segment conv structure; raise rank or use another method",
+            f"attention output may be off by up to about {bound:.3g} x max|V| (docs/math.rst §4): "
+            "the logits may lack a few-segment conv structure; raise rank or use another method",
             ConvBasisWarning,
             stacklevel=4,
         )
 
 
 def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=None):
-    """Recover, exponentiate, run the FFT products, select rows to recompute (MATH.md §4).
+    """Recover, exponentiate, run the FFT products, select rows to recompute (docs/math.rst §4).
 
     Returns the operator and, if ``with_values`` is given, ``C V`` in transposed layout.
     """
@@ -223,7 +223,8 @@ def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=N
         upper = ConvBasis(*_recover(xp, k, q, scale, rank, probe, delta, 0.0), n)
         strict_lower = valid_mask(xp, upper.plan, n, device(q), strict=True)
         shift = xp.maximum(shift, _masked_max(xp, upper.vectors, strict_lower))
-    # MATH §4: one global shift per batch element (a row maximum cannot enter a convolution).
+    # docs/math.rst §4: one global shift per batch element (a row maximum cannot enter a
+    # convolution).
     lower_exp = lower.exp(shift)
     if upper is not None:
         e = upper.exp(shift).vectors
@@ -273,7 +274,7 @@ def _tolerance(xp, dtype, tolerance):
 
 
 def conv_operator(q, k, /, *, rank, causal=True, probe=1, delta=None, scale=None, tolerance=None):
-    """The conv-basis attention operator ``f = D⁻¹ C`` (MATH.md §3, §4).
+    """The conv-basis attention operator ``f = D⁻¹ C`` (docs/math.rst §3, §4).
 
     Parameters
     ----------
@@ -301,7 +302,7 @@ def conv_operator(q, k, /, *, rank, causal=True, probe=1, delta=None, scale=None
 def conv_attention(
     q, k, v, /, *, rank, causal=True, probe=1, delta=None, scale=None, tolerance=None
 ):
-    """Conv-basis attention ``O = D⁻¹ C V`` (MATH.md §4).
+    """Conv-basis attention ``O = D⁻¹ C V`` (docs/math.rst §4).
 
     Recovers the basis of the logits (:func:`recover_conv_basis`), exponentiates it with one
     shift per batch element, and computes ``C [V, 1]`` with one set of FFT products.

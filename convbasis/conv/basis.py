@@ -1,4 +1,4 @@
-"""The k-conv basis (MATH.md §4) and its exact products, decomposition and dense fit.
+"""The k-conv basis (docs/math.rst §4) and its exact products, decomposition and dense fit.
 
 A lower-triangular ``H`` has a *k-conv basis* when its columns, shifted to start at the
 diagonal ("aligned columns" ``H[j:, j]``), are piecewise constant in ``j``: for
@@ -61,7 +61,7 @@ class ConvBasis:
     starts : tuple of int
         Segment starts ``0 = σ_0 < σ_1 < … < σ_{k-1} < n`` (``m_i = n - σ_i``).
     vectors : array ``(..., k, n)``
-        The cumulative vectors ``c_i = Σ_{l<=i} b_l`` of MATH.md §4, i.e. the aligned columns:
+        The cumulative vectors ``c_i = Σ_{l<=i} b_l`` of docs/math.rst §4, i.e. the aligned columns:
         ``H[j:, j] = c_i[: n - j]`` for ``σ_i <= j < σ_{i+1}``.  Entries ``t >= m_i`` are
         unused (zero in every basis this module builds).  Leading axes are batch axes that
         share the starts.
@@ -151,7 +151,7 @@ class ConvBasis:
         return _masked_max(xp, self.vectors, keep)
 
     def exp(self, shift=None):
-        """The basis of ``M ∘ exp(H - shift)`` (same starts; MATH.md §4).
+        """The basis of ``M ∘ exp(H - shift)`` (same starts; docs/math.rst §4).
 
         ``shift`` is a scalar or an array broadcasting against the batch axes; default
         :meth:`max`, so no entry exceeds 1 and nothing overflows.  The masked (upper) entries
@@ -216,7 +216,7 @@ def _single(a, z, m):
 
 def conv_matmul(a, z, /, *, m=None):
     """``conv(a, m) Z``: the sub-convolution whose bottom-right ``m × m`` block is
-    ``conv(a[:m])`` (MATH.md §4), times ``Z``.
+    ``conv(a[:m])`` (docs/math.rst §4), times ``Z``.
 
     Parameters
     ----------
@@ -270,7 +270,7 @@ def _aligned(xp, h):
 
 
 def decompose_conv_basis(h, /):
-    """The exact k-conv basis of a lower-triangular matrix (MATH.md §4).
+    """The exact k-conv basis of a lower-triangular matrix (docs/math.rst §4).
 
     A new segment starts wherever an aligned column differs (exactly) from the previous one
     on their common length, in any batch element; so ``k <= n`` and
@@ -316,7 +316,7 @@ def decompose_conv_basis(h, /):
 def fit_conv_basis(h, k, /):
     """A dense best-effort ``k``-segment basis of the lower triangle of any square ``h``.
 
-    The reference for what recovery from ``Q, K`` could achieve (MATH.md §4): segments
+    The reference for what recovery from ``Q, K`` could achieve (docs/math.rst §4): segments
     start at the ``k - 1`` largest changes ``‖a_j - a_{j-1}‖₂`` between consecutive aligned
     columns (summed over batch axes; ties broken by position), and each segment is
     represented by the mean of its aligned columns, entry by entry over the columns that

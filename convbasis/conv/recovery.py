@@ -1,4 +1,4 @@
-"""Recovery of the k-conv basis of the logits ``s · M ∘ Q Kᵀ`` from ``Q, K`` (MATH.md §4)."""
+"""Recovery of the k-conv basis of the logits ``s · M ∘ Q Kᵀ`` from ``Q, K`` (docs/math.rst §4)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def _recovery_options(xp, q, k, rank, probe, delta, eps, scale):
     scale = resolve_scale(scale, d)
     if delta is None:
         # Two computed logits that agree in exact arithmetic differ by <= d u |s| ‖q‖‖k‖ each
-        # (u = eps/2); δ covers that round-off on T entries, on top of the 4 T ε of MATH §4.
+        # (u = eps/2); δ covers that round-off on T entries, on top of the 4 T ε of
+        # docs/math.rst §4.
         unit = float(xp.finfo(q.dtype).eps)
         qn = float(xp.max(xp.vecdot(q, q))) ** 0.5
         kn = float(xp.max(xp.vecdot(k, k))) ** 0.5
@@ -37,13 +38,15 @@ def _recovery_options(xp, q, k, rank, probe, delta, eps, scale):
         delta = float(delta)
         if not delta > 4 * probe * eps:
             raise ValueError(
-                f"delta must exceed 4 * probe * eps = {4 * probe * eps} (MATH.md §4), got {delta}"
+                f"delta must exceed 4 * probe * eps = {4 * probe * eps} (docs/math.rst §4), "
+                f"got {delta}"
             )
     return rank, probe, delta, eps, scale
 
 
 def _recover(xp, q, k, scale, rank, probe, delta, eps):
-    """Binary-search recovery (MATH.md §4) of the basis of ``s · M ∘ Q Kᵀ``: starts, vectors."""
+    """Binary-search recovery (docs/math.rst §4) of the basis of ``s · M ∘ Q Kᵀ``: starts and
+    vectors."""
     n = q.shape[-2]
 
     def column(j, length):
@@ -88,7 +91,7 @@ def _recover(xp, q, k, scale, rank, probe, delta, eps):
 def recover_conv_basis(q, k, /, *, rank, probe=1, delta=None, eps=0.0, scale=None, causal=True):
     """Recover the k-conv basis of the logits ``s · M ∘ Q Kᵀ`` without forming them.
 
-    MATH.md §4 ("recover k-conv"): ``c_0`` is the first column; each further start ``σ_i`` is
+    docs/math.rst §4 ("recover k-conv"): ``c_0`` is the first column; each further start ``σ_i`` is
     the smallest ``j`` in ``(σ_{i-1}, n - T]`` whose first ``T`` aligned entries differ from
     the current ``c_{i-1}[:T]`` by ``‖·‖₁ >= δ - 2Tε``, found by binary search; ``c_i`` is
     column ``σ_i``.

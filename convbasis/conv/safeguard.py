@@ -1,4 +1,4 @@
-"""The exact-row safeguard of conv-basis attention (MATH.md §4).
+"""The exact-row safeguard of conv-basis attention (docs/math.rst §4).
 
 The FFT products of ``C = exp(S - μ)`` carry an absolute error about ``u log2 N`` times the
 largest terms (:func:`noise_floor`).  A row whose normaliser ``D_r = (C · 1)_r`` does not
@@ -28,7 +28,7 @@ _EXACT_BLOCK = 1 << 18
 
 
 def noise_floor(xp, bases, dtype):
-    """Predicted absolute FFT error of ``C · 1`` (MATH.md §4: error ≈ eps × the largest terms).
+    """Predicted absolute FFT error of ``C · 1`` (docs/math.rst §4: eps × the largest terms).
 
     For one segment the FFT convolution of ``x`` with ``z`` has error ≲ ``u · log2(N) ·
     ‖x‖₂ ‖z‖₂``; summed over the segments of every basis with ``z = 1`` on the segment
@@ -83,7 +83,7 @@ def exact_weights(xp, lower, upper, rows, width):
     :class:`ExactRows`), each with its own maximum, on the first ``width`` columns (all a
     causal row can see when ``width > max(rows)``).
 
-    ``(..., R, width)``; ``O(R width)`` (MATH.md §4 safeguard: no ``Q, K`` needed).
+    ``(..., R, width)``; ``O(R width)`` (docs/math.rst §4 safeguard: no ``Q, K`` needed).
     """
     n = lower.n
     dev = device(lower.vectors)
@@ -104,7 +104,7 @@ def exact_weights(xp, lower, upper, rows, width):
     if upper is None:
         logits = xp.where(t >= 0, logits, minus_inf)
     else:
-        # MATH §4: S[r, j] for j > r is the strictly lower entry (j, r) of the K Qᵀ basis.
+        # docs/math.rst §4: S[r, j] for j > r is the strictly lower entry (j, r) of the K Qᵀ basis.
         seg_u = segment_index(upper.starts, r, xp)
         up = gather(upper, seg_u * n + xp.maximum(-t, zero))
         logits = xp.where(t >= 0, logits, up)

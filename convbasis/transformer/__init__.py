@@ -1,4 +1,4 @@
-"""A multi-layer transformer with an almost-linear backward pass (MATH.md §5).
+"""A multi-layer transformer with an almost-linear backward pass (docs/math.rst §5).
 
 Layer ``ℓ`` maps ``X (..., n, d_model)`` to
 
@@ -17,16 +17,31 @@ For a fast method the forward output is ``op.matmul(V)`` of the method's operato
 the default ``gradient="exact-formula"`` (the papers' Algorithm 1) the gradients put the
 approximate ``f̃`` into the exact formulas, which is not the gradient of the computed loss
 (docs/math.rst §7).
+
+Modules: :mod:`~convbasis.transformer.params` (parameters and their initialisation),
+:mod:`~convbasis.transformer.activations`, :mod:`~convbasis.transformer.norms`,
+:mod:`~convbasis.transformer.model` (the forward pass and its caches),
+:mod:`~convbasis.transformer.backward` (:func:`loss_and_gradients`) and
+:mod:`~convbasis.transformer.losses`.
 """
 
 from __future__ import annotations
 
-from .activations import ACTIVATIONS
+from . import activations as _activations
+from . import norms as _norms
 from .backward import TransformerGradients, gradient_errors, loss_and_gradients
 from .losses import CrossEntropyLoss, cross_entropy_loss, squared_error_loss
 from .model import ForwardCache, LayerCache, forward
-from .norms import NORM_EPS, NORMS
+from .norms import NORM_EPS as NORM_EPS  # public as before, though not in __all__
 from .params import LayerParams, TransformerParams, init_params
+
+# Bound here rather than imported so that autodoc, which reads data docstrings from the
+# documented module's own source, still shows them on the package's API page.
+ACTIVATIONS = _activations.ACTIVATIONS
+"""Element-wise activations ``φ``; each maps ``(xp, z)`` to ``(φ(z), φ'(z))``."""
+
+NORMS = _norms.NORMS
+"""Norm options: identity, LayerNorm (gain and bias), RMSNorm (gain)."""
 
 __all__ = [
     "ACTIVATIONS",

@@ -7,7 +7,7 @@ Writes into this folder:
   against ``exp(s Q Kᵀ)`` on random inputs whose radius is exactly ``R`` (float64).
 * ``polynomial_error.png`` / ``polynomial_error.csv``: (a) maximum relative error of the
   approximation of eˣ on ``[-R, R]`` against degree, with the closed-form bounds; (b) the
-  attention output error against degree on real inputs, with the MATH.md §2.4 bound.
+  attention output error against degree on real inputs, with the docs/math.rst §2.4 bound.
 * ``polynomial_target.csv`` (with ``--target``): the issue's benchmark, causal and
   bidirectional, n = 65536, d = 8, float32, against the blocked dense reference.
 

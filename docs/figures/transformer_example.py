@@ -34,7 +34,7 @@ def main():
     params = T.init_params(
         D_MODEL, layers=LAYERS, heads=HEADS, d_head=D_HEAD, xp=np, norm="layer", seed=0
     )
-    # bounded logits (the polynomial method's regime, MATH.md §2): shrink W_Q and W_K
+    # bounded logits (the polynomial method's regime, docs/math.rst §2): shrink W_Q and W_K
     params = T.TransformerParams(
         tuple(
             dataclasses.replace(layer, w_q=QK_SHRINK * layer.w_q, w_k=QK_SHRINK * layer.w_k)
