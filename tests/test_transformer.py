@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from convbasis import transformer as T
-from convbasis.testing import to_numpy
+from convbasis.testing import assert_close, to_numpy
 
 CONV_READY = importlib.util.find_spec("convbasis.conv") is not None
 needs_conv = pytest.mark.skipif(
@@ -324,3 +324,23 @@ def test_bad_input(xp, rng):
         T.forward(params, x, True)
     with pytest.raises(TypeError):
         T.loss_and_gradients(params, x, loss, "conv")
+
+
+def test_cross_entropy_on_a_non_default_device(rng):
+    """The one-hot and every other array the loss builds live on the labels' device."""
+    xs = pytest.importorskip("array_api_strict")
+    dev = xs.Device("device1")
+    arrays = rng.standard_normal((6, 7)), rng.integers(0, 7, size=5), rng.standard_normal((5, 6))
+    w_vocab, labels, out = (xs.asarray(a, device=dev) for a in arrays)
+    value, grad = T.cross_entropy_loss(w_vocab, labels)(out)
+    assert grad.device == dev and value.device == dev
+    host_value, host_grad = T.cross_entropy_loss(arrays[0], arrays[1])(arrays[2])
+    assert_close(xs.asarray(grad, device=xs.Device("CPU_DEVICE")), host_grad, atol=1e-14)
+    assert abs(float(xs.asarray(value, device=xs.Device("CPU_DEVICE"))) - host_value) < 1e-14
+
+
+def test_cross_entropy_rejects_labels_outside_the_vocabulary(xp, rng):
+    w_vocab = xp.asarray(rng.standard_normal((6, 7)))
+    for bad in ([0, 7], [-1, 3]):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, vocab = 7\)"):
+            T.cross_entropy_loss(w_vocab, xp.asarray(bad))

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from array_api_compat import device
+import array_api_extra as xpx
 
 from .._array import namespace, sum_to_shape
 
@@ -57,11 +57,7 @@ class CrossEntropyLoss:
         shifted = logits - xp.max(logits, axis=-1, keepdims=True)
         e = xp.exp(shifted)
         total = xp.sum(e, axis=-1, keepdims=True)
-        # on the labels' device, not the default one: arrays on two devices do not compare
-        vocab = xp.arange(
-            self.w_vocab.shape[-1], dtype=self.labels.dtype, device=device(self.labels)
-        )
-        onehot = xp.astype(xp.expand_dims(self.labels, axis=-1) == vocab, logits.dtype)
+        onehot = xpx.one_hot(self.labels, self.w_vocab.shape[-1], dtype=logits.dtype, xp=xp)
         tokens = math.prod(self.labels.shape)
         picked = xp.sum(onehot * (shifted - xp.log(total)), axis=-1)
         value = -_sum_all(picked) / tokens
@@ -91,4 +87,7 @@ def cross_entropy_loss(w_vocab, labels, /):
         raise ValueError(f"w_vocab must have shape (d_model, vocab), got {w_vocab.shape}")
     if not xp.isdtype(labels.dtype, "integral"):
         raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    vocab = w_vocab.shape[-1]
+    if math.prod(labels.shape) and not (int(xp.min(labels)) >= 0 and int(xp.max(labels)) < vocab):
+        raise ValueError(f"labels must lie in [0, vocab = {vocab}), got values outside")
     return CrossEntropyLoss(w_vocab, labels)

@@ -8,6 +8,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_extra as xpx
+
 from .._array import check_integer
 from .activations import ACTIVATIONS
 from .norms import NORMS
@@ -136,7 +138,7 @@ def init_params(
     norm, activation : str
         See :data:`NORMS` and :data:`ACTIVATIONS`.
     dtype : floating dtype of ``xp``, optional
-        Default ``xp.float64``.
+        Default: the namespace's default floating dtype (``float64`` for NumPy).
     seed : int
 
     Returns
@@ -152,7 +154,7 @@ def init_params(
     )
     d_head = check_integer(max(d_model // heads, 1) if d_head is None else d_head, "d_head")
     d_ff = check_integer(4 * d_model if d_ff is None else d_ff, "d_ff")
-    dtype = xp.float64 if dtype is None else dtype
+    dtype = xpx.default_dtype(xp) if dtype is None else dtype
     gen = random.Random(seed)
 
     def normal(shape, fan_in):
