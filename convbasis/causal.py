@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import array_api_extra as xpx
+from array_api_compat import device
 
 from ._array import (
     as_floating,
@@ -76,8 +77,8 @@ def masked_product(xp, u, v, z, *, upper, strict, chunk):
     ``strict`` drops the diagonal.  Leading axes broadcast as in ``matmul``.
     """
     n, p = u.shape[-2], z.shape[-1]
-    rows = xp.arange(chunk)[:, None]
-    cols = xp.arange(chunk)[None, :]
+    rows = xp.arange(chunk, device=device(u))[:, None]
+    cols = xp.arange(chunk, device=device(u))[None, :]
     keep = (
         (rows < cols if strict else rows <= cols)
         if upper

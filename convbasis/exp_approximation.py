@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ._array import check_integer
+from ._validation import check_integer
 
 __all__ = [
     "KINDS",
@@ -168,6 +168,7 @@ def coefficient_slopes(degree, radius, /, *, kind="chebyshev"):
     ``R = |s| max‖q‖ max‖k‖`` depends on the inputs.  ``radius`` must be positive.
     """
     _check_kind(kind)
+    _check_degree(degree, kind)
     radius = _check_radius(radius)
     if kind == "taylor":
         return (0.0,) * (degree + 1)

@@ -9,8 +9,10 @@ no ``n × n`` array on a fast path.
 
 from __future__ import annotations
 
+from array_api_compat import device
+
 from ._array import check_last_dim, resolve_scale, sum_to_shape, validate_attention_inputs
-from .operators import attention_operator, check_method
+from .operators import attention_operator, check_options
 from .reference import SelfAttentionGradients, _validate_self_attention
 
 __all__ = ["GRADIENTS", "attention_gradients", "self_attention_gradients"]
@@ -20,42 +22,64 @@ GRADIENTS = ("exact-formula", "model")
 """The two meanings of a fast method's gradient (docs/math.rst §7)."""
 
 
-def _delta(xp, op, y, g):
-    """Forward output ``O = f Y`` and ``δ = rowsum(G ∘ O)`` as a column ``(..., n, 1)``."""
-    return xp.sum(g * op.matmul(y), axis=-1, keepdims=True)
+def check_gradient(gradient):
+    """``gradient`` if it names one of :data:`GRADIENTS`, else a ``ValueError`` listing them."""
+    if not isinstance(gradient, str) or gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    return gradient
+
+
+def _delta_and_row_sums(xp, op, y, g):
+    """``δ = rowsum(G ∘ f Y)`` and ``f 1``, columns ``(..., n, 1)``, from one product.
+
+    ``f 1 = 1`` for a normalised ``f``; Fast Multipole Attention with supplied downsampling
+    kernels is not row-stochastic, and the centring below must know it.
+    """
+    ones = xp.ones((*y.shape[:-1], 1), dtype=y.dtype, device=device(y))
+    both = op.matmul(xp.concat([y, ones], axis=-1))
+    return xp.sum(g * both[..., :-1], axis=-1, keepdims=True), both[..., -1:]
 
 
 def _exact_formula(xp, q, k, v, g, *, method, causal, scale, **options):
     op = attention_operator(q, k, method=method, causal=causal, scale=scale, **options)
-    delta = _delta(xp, op, v, g)
-    # P has zero row sums (f 1 = 1, (f ∘ G Vᵀ) 1 = δ): P K = P (K − 1 μᵀ), and the centred keys
-    # avoid cancellation between the two products when K has a large common component.
-    kc = k - xp.mean(k, axis=-2, keepdims=True)
-    dq = scale * (op.hadamard_matmul(g, v, kc) - delta * op.matmul(kc))
+    delta, f1 = _delta_and_row_sums(xp, op, v, g)
+    # P = f ∘ G Vᵀ − diag(δ) f has row sums P 1 = δ (1 − f 1) ((f ∘ G Vᵀ) 1 = δ), so
+    # P K = P K_c + δ (1 − f 1) μᵀ with K_c = K − 1 μᵀ: the centred keys avoid cancellation
+    # between the two products when K has a large common component (docs: "Fast gradients").
+    mu = xp.mean(k, axis=-2, keepdims=True)
+    kc = k - mu
+    dq = scale * (op.hadamard_matmul(g, v, kc) - delta * op.matmul(kc) + delta * (1 - f1) * mu)
     dk = scale * (op.hadamard_rmatmul(g, v, q) - op.rmatmul(delta * q))
     return dq, dk, op.rmatmul(g)
 
 
-def _lowrank_model(xp, q, k, v, g, **options):
+# Each model gradient receives the inputs validated and promoted to one dtype, and ``given``:
+# q and k as the caller passed them, for a forward that does not promote them with v.
+
+
+def _lowrank_model(xp, q, k, v, g, *, given, **options):
     from .polynomial_gradient import model_gradients
 
     return model_gradients(xp, q, k, v, g, **options)
 
 
-def _conv_model(xp, q, k, v, g, **options):
+def _conv_model(xp, q, k, v, g, *, given, **options):
     from .conv.gradient import model_gradients
 
-    return model_gradients(xp, q, k, v, g, **options)
+    # conv_attention recovers the basis in the precision of q and k (a wider v does not
+    # change the segment starts), so the model is built from them as given.
+    return model_gradients(xp, q, k, v, g, given=given, **options)
 
 
-def _multipole_model(xp, q, k, v, g, **options):
+def _multipole_model(xp, q, k, v, g, *, given, **options):
     from .multipole import multipole_attention_backward
 
+    # The gradients of supplied downsampling kernels: multipole_attention_backward itself.
     grads = multipole_attention_backward(q, k, v, g, **options)
     return grads.dq, grads.dk, grads.dv
 
 
-def _dense_model(xp, q, k, v, g, **options):
+def _dense_model(xp, q, k, v, g, *, given, **options):
     return _exact_formula(xp, q, k, v, g, method="dense", **options)
 
 
@@ -124,6 +148,7 @@ def attention_gradients(
     requested rank.  The model gradient of the conv basis differs from the exact gradient even
     then: the model's logits depend on ``K`` only through the keys at the segment starts.
     """
+    given = (q, k)
     xp, q, k, v, g = validate_attention_inputs(
         q, k, v, causal=causal, extra=(grad_out,), extra_names=("grad_out",)
     )
@@ -132,12 +157,12 @@ def attention_gradients(
         raise ValueError(
             f"grad_out must have as many rows as q ({q.shape[-2]}), got shape {g.shape}"
         )
-    check_method(method)
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    check_options(method, method_options)
+    check_gradient(gradient)
     s = resolve_scale(scale, q.shape[-1])
     if gradient == "model":
-        grads = _MODEL_GRADIENTS[method](xp, q, k, v, g, causal=causal, scale=s, **method_options)
+        model = _MODEL_GRADIENTS[method]
+        grads = model(xp, q, k, v, g, given=given, causal=causal, scale=s, **method_options)
     else:
         grads = _exact_formula(
             xp, q, k, v, g, method=method, causal=causal, scale=s, **method_options
@@ -172,19 +197,26 @@ def self_attention_gradients(
         Five operator products with ``d_model`` columns (two of them Hadamard with rank
         ``d_v``), plus ``O(n d_model (d_model + d_head))`` dense work.
     """
+    if "gradient" in method_options:
+        raise TypeError(
+            "self_attention_gradients evaluates the five terms of the exact formulas (the "
+            "exact-formula gradient); for the model's own gradient use "
+            "attention_gradients(q, k, v, grad_out, gradient='model') and the chain rule"
+        )
     xp, x, w_q, w_k, w_v, g = _validate_self_attention(x, w_q, w_k, w_v, grad_out)
     s = resolve_scale(scale, w_q.shape[-1])
     mT = xp.matrix_transpose
     q, k, y = x @ w_q, x @ w_k, x @ w_v
     op = attention_operator(q, k, method=method, causal=causal, scale=s, **method_options)
-    delta = _delta(xp, op, y, g)
+    delta, f1 = _delta_and_row_sums(xp, op, y, g)
     batch = xp.broadcast_shapes(q.shape[:-2], y.shape[:-2], g.shape[:-2])
     xb = xp.broadcast_to(x, (*batch, *x.shape[-2:]))
     w = w_q @ mT(w_k)
-    # P = f ∘ G Yᵀ − diag(δ) f has zero row sums (f 1 = 1, (f ∘ G Yᵀ) 1 = δ), so P X = P X_c
-    # with X_c = X − 1 μᵀ: the products on the centred X_c avoid the cancellation a large
-    # common component of X causes in (f ∘ G Yᵀ) X − δ f X; (f ∘ G Yᵀ) X = (f ∘ G Yᵀ) X_c + δ μᵀ
-    # and f X = f X_c + 1 μᵀ recover T1 and T2 at no extra product.
+    # P = f ∘ G Yᵀ − diag(δ) f has row sums δ (1 − f 1) ((f ∘ G Yᵀ) 1 = δ), so
+    # P X = P X_c + δ (1 − f 1) μᵀ with X_c = X − 1 μᵀ: the products on the centred X_c avoid
+    # the cancellation a large common component of X causes in (f ∘ G Yᵀ) X − δ f X;
+    # (f ∘ G Yᵀ) X = (f ∘ G Yᵀ) X_c + δ μᵀ and f X = f X_c + (f 1) μᵀ recover T1 and T2 at no
+    # extra product.
     mu = xp.mean(xb, axis=-2, keepdims=True)
     xc = xb - mu
     fgy_xc = op.hadamard_matmul(g, y, xc)  # (f ∘ G Yᵀ) X_c
@@ -192,13 +224,13 @@ def self_attention_gradients(
     f_v = op.rmatmul(g)  # fᵀ G
     terms = (
         s * ((fgy_xc + delta * mu) @ mT(w)),
-        -s * ((delta * (f_xc + mu)) @ mT(w)),
+        -s * ((delta * (f_xc + f1 * mu)) @ mT(w)),
         s * (op.hadamard_rmatmul(g, y, xb) @ w),
         -s * (op.rmatmul(delta * xb) @ w),
         f_v @ mT(w_v),
     )
     dx = terms[0] + terms[1] + terms[2] + terms[3] + terms[4]
-    dw = s * (mT(xb) @ (fgy_xc - delta * f_xc))
+    dw = s * (mT(xb) @ (fgy_xc - delta * f_xc + delta * (1 - f1) * mu))
     return SelfAttentionGradients(
         terms=tuple(sum_to_shape(xp, t, x.shape) for t in terms),
         dx=sum_to_shape(xp, dx, x.shape),

@@ -18,9 +18,13 @@ registering a constructor in :data:`METHODS`.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from array_api_compat import device
 
 from ._array import (
     as_floating,
@@ -65,12 +69,13 @@ class AttentionOperator(Protocol):
     def to_dense(self): ...
 
 
-def check_operands(owner, operands, *, rows, hadamard=False):
+def check_operands(owner, operands, *, rows, batch, hadamard=False):
     """Validate the operands of an operator product; promote them to ``owner``'s dtype.
 
     ``operands`` maps names to arrays that must be ``(..., rows[name], ·)``, floating, from
-    ``owner``'s library and device.  ``hadamard``: ``y`` must be as wide as ``g``.  Returns
-    ``(xp, arrays)`` with every array in the common dtype of ``owner`` and the operands.
+    ``owner``'s library and device, with leading axes that broadcast against the operator's
+    ``batch``.  ``hadamard``: ``y`` must be as wide as ``g``.  Returns ``(xp, arrays)`` with
+    every array in the common dtype of ``owner`` and the operands.
     """
     names, arrays = tuple(operands), tuple(operands.values())
     xp = namespace(owner, *arrays)
@@ -83,6 +88,14 @@ def check_operands(owner, operands, *, rows, hadamard=False):
             )
     if hadamard:
         check_last_dim(operands["y"], "y", operands["g"].shape[-1], "the width of g")
+    try:
+        xp.broadcast_shapes(tuple(batch), *(a.shape[:-2] for a in arrays))
+    except ValueError:
+        raise ValueError(
+            f"leading (batch/head) axes of {', '.join(names)} must broadcast against the "
+            f"operator's {tuple(batch)}, got "
+            + ", ".join(f"{name} {a.shape}" for name, a in zip(names, arrays, strict=True))
+        ) from None
     arrays = as_floating(xp, arrays, names)
     dtype = xp.result_type(owner, *arrays)
     return xp, tuple(a if a.dtype == dtype else xp.astype(a, dtype) for a in arrays)
@@ -113,6 +126,9 @@ def hadamard_product(xp, product, g, y, z):
         size), plus ``O((n + m) s p)`` elementwise work.
     """
     s, p, m = g.shape[-1], z.shape[-1], z.shape[-2]
+    if s == 0:  # G Yᵀ = 0
+        shape = xp.broadcast_shapes(g.shape[:-2], y.shape[:-2], z.shape[:-2])
+        return xp.zeros((*shape, g.shape[-2], p), dtype=z.dtype, device=device(z))
     batch = math.prod(xp.broadcast_shapes(y.shape[:-2], z.shape[:-2]))
     group = max(1, _HADAMARD_BLOCK // max(m * p * batch, 1))
     out = None
@@ -144,7 +160,9 @@ class DenseAttentionOperator:
     def _operands(self, transpose, **operands):
         n, m = self.shape[-2:]
         rows = {"g": n, "y": m, "z": n if transpose else m}
-        xp, arrays = check_operands(self.weights, operands, rows=rows, hadamard="g" in operands)
+        xp, arrays = check_operands(
+            self.weights, operands, rows=rows, batch=self.shape[:-2], hadamard="g" in operands
+        )
         f = (
             self.weights
             if arrays[0].dtype == self.weights.dtype
@@ -193,22 +211,26 @@ def dense_operator(q, k, /, *, causal=True, scale=None):
     return DenseAttentionOperator(_weights(xp, q, k, resolve_scale(scale, q.shape[-1]), causal, 0))
 
 
-def _lowrank(q, k, /, **options):
-    from .polynomial import lowrank_operator
+class _Lazy:
+    """A constructor imported on first use (the method modules import this one)."""
 
-    return lowrank_operator(q, k, **options)
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+
+    @property
+    def constructor(self):
+        return getattr(importlib.import_module(self.module, __package__), self.name)
+
+    def __call__(self, q, k, /, **options):
+        return self.constructor(q, k, **options)
+
+    def __repr__(self):
+        return f"<{self.module.lstrip('.')}.{self.name}>"
 
 
-def _conv(q, k, /, **options):
-    from .conv import conv_operator
-
-    return conv_operator(q, k, **options)
-
-
-def _multipole(q, k, /, **options):
-    from .multipole import multipole_operator
-
-    return multipole_operator(q, k, **options)
+_lowrank = _Lazy(".polynomial", "lowrank_operator")
+_conv = _Lazy(".conv", "conv_operator")
+_multipole = _Lazy(".multipole", "multipole_operator")
 
 
 METHODS = {"dense": dense_operator, "lowrank": _lowrank, "conv": _conv, "multipole": _multipole}
@@ -220,6 +242,25 @@ def check_method(method):
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown attention method {method!r}; valid methods: {sorted(METHODS)}")
     return method
+
+
+def check_options(method, options):
+    """Refuse options that ``method``'s constructor does not take, naming the ones it does.
+
+    Read from the constructor's signature (the keyword-only parameters besides ``causal`` and
+    ``scale``), so a method registered in :data:`METHODS` needs no list of its own.
+    """
+    build = METHODS[check_method(method)]
+    build = getattr(build, "constructor", build)
+    accepted = {
+        name
+        for name, param in inspect.signature(build).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("causal", "scale")
+    }
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        takes = f"the options {sorted(accepted)}" if accepted else "no options"
+        raise TypeError(f"the {method} method takes {takes}, got {unknown}")
 
 
 def attention_operator(q, k, /, *, method="dense", causal=True, scale=None, **options):
@@ -241,7 +282,5 @@ def attention_operator(q, k, /, *, method="dense", causal=True, scale=None, **op
     -------
     AttentionOperator
     """
-    build = METHODS[check_method(method)]
-    if method == "dense" and options:
-        raise TypeError(f"the dense method takes no options, got {sorted(options)}")
-    return build(q, k, causal=causal, scale=scale, **options)
+    check_options(method, options)
+    return METHODS[method](q, k, causal=causal, scale=scale, **options)

@@ -403,12 +403,16 @@ class LowRankAttentionOperator:
 
     def matmul(self, z, /):
         """``f Z`` for ``z (..., m, p)`` -> ``(..., n, p)``."""
-        xp, (z,) = check_operands(self.u, {"z": z}, rows={"z": self.shape[-1]})
+        xp, (z,) = check_operands(
+            self.u, {"z": z}, batch=self.shape[:-2], rows={"z": self.shape[-1]}
+        )
         return self._product(xp, z, False) / self._normaliser(xp, z)
 
     def rmatmul(self, z, /):
         """``fᵀ Z = Ãᵀ D⁻¹ Z`` for ``z (..., n, p)`` -> ``(..., m, p)``."""
-        xp, (z,) = check_operands(self.u, {"z": z}, rows={"z": self.shape[-2]})
+        xp, (z,) = check_operands(
+            self.u, {"z": z}, batch=self.shape[:-2], rows={"z": self.shape[-2]}
+        )
         return self._product(xp, z / self._normaliser(xp, z), True)
 
     def hadamard_matmul(self, g, y, z, /):
@@ -419,7 +423,7 @@ class LowRankAttentionOperator:
         n, m = self.shape[-2:]
         operands = {"g": g, "y": y, "z": z}
         xp, (g, y, z) = check_operands(
-            self.u, operands, rows={"g": n, "y": m, "z": m}, hadamard=True
+            self.u, operands, batch=self.shape[:-2], rows={"g": n, "y": m, "z": m}, hadamard=True
         )
         out = hadamard_product(xp, lambda w: self._product(xp, w, False), g, y, z)
         return out / self._normaliser(xp, z)
@@ -432,7 +436,7 @@ class LowRankAttentionOperator:
         n, m = self.shape[-2:]
         operands = {"g": g, "y": y, "z": z}
         xp, (g, y, z) = check_operands(
-            self.u, operands, rows={"g": n, "y": m, "z": n}, hadamard=True
+            self.u, operands, batch=self.shape[:-2], rows={"g": n, "y": m, "z": n}, hadamard=True
         )
         z = z / self._normaliser(xp, z)
         return hadamard_product(xp, lambda w: self._product(xp, w, True), y, g, z)

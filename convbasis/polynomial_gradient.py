@@ -68,13 +68,17 @@ def model_gradients(
     dq, dk = sum_to_shape(xp, dq, q.shape), sum_to_shape(xp, dk, k.shape)
     if poly.kind == "chebyshev" and poly.radius > 0:
         slopes = coefficient_slopes(poly.degree, poly.radius, kind=poly.kind)
-        d_radius, start = 0.0, 0
-        for t, (c, slope) in enumerate(zip(poly.coeffs, slopes, strict=True)):
+        # ∂L/∂c_t = ⟨dU₁, U₁⟩ over the degree-t block / c_t (U₁ U₂ᵀ has c_t X^t there); a
+        # zero c_t leaves its block zero, and exp's interpolants have none.
+        inner, start = [], 0
+        for t in range(poly.degree + 1):
             stop = start + math.comb(q.shape[-1] + t - 1, t)
-            if c and slope:
-                inner = xp.sum(du1[..., start:stop] * u1[..., start:stop])
-                d_radius += float(inner) / c * slope
+            inner.append(xp.sum(du1[..., start:stop] * u1[..., start:stop]))
             start = stop
+        inner = [float(x) for x in xp.stack(inner)]  # one read-back
+        d_radius = sum(
+            x / c * slope for x, c, slope in zip(inner, poly.coeffs, slopes, strict=True) if c
+        )
         q_max, k_max = poly.norm_max
         dq = dq + (d_radius * abs(scale) * k_max) * _norm_max_gradient(xp, q)
         dk = dk + (d_radius * abs(scale) * q_max) * _norm_max_gradient(xp, k)

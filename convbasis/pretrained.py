@@ -279,9 +279,6 @@ def sentence_embedding(text, /, *, model_dir=None, max_tokens=None) -> np.ndarra
     return (pooled / max(float(np.linalg.norm(pooled)), 1e-12)).astype(np.float32)
 
 
-# --- internals -------------------------------------------------------------------------------
-
-
 def _check_text(text):
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")

@@ -78,8 +78,8 @@ def _weights(xp, q, k, scale, causal, row_offset):
     """
     logits = scale * (q @ xp.matrix_transpose(k))
     if causal:
-        rows = xp.arange(q.shape[-2])[:, None] + row_offset
-        cols = xp.arange(k.shape[-2])[None, :]
+        rows = xp.arange(q.shape[-2], device=device(logits))[:, None] + row_offset
+        cols = xp.arange(k.shape[-2], device=device(logits))[None, :]
         minus_inf = xp.asarray(-xp.inf, dtype=logits.dtype, device=device(logits))
         logits = xp.where(rows >= cols, logits, minus_inf)
     logits = logits - xp.max(logits, axis=-1, keepdims=True)

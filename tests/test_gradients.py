@@ -309,9 +309,6 @@ def test_conv_gradients_check_fails_on_a_truncated_basis(rng, dtype):
             assert_within_reference_error(a, gold, base, factor=CONV_FACTOR)
 
 
-# --- gradient="model": the exact gradient of each method's own forward (docs/math.rst §7) ----
-
-
 def _central_differences(forward, arrays, g, h=1e-6):
     """``∂⟨g, forward()⟩/∂a`` for every entry of every array in ``arrays`` (mutated, restored)."""
     out = []

@@ -115,22 +115,18 @@ class ConvAttentionOperator:
         """``C Z`` (``Cᵀ Z`` if ``transpose``) in the transposed layout ``(..., p, n)``."""
         return c_product(self._xp, self.lower_exp, self.upper_exp, zt, transpose=transpose)
 
-    def _safe_normaliser(self):
-        xp = self._xp
-        d = self.normaliser
-        return xp.where(d > 0, d, xp.ones_like(d))
-
-    # -- the four products -----------------------------------------------------------------
+    # The four products.  Kept rows have D > noise / min(tolerance, 1) > 0 and recomputed ones
+    # D = 1 (the safeguard's selection), so dividing by D is safe.
     def matmul(self, z):
         """``f Z`` for ``z (..., n, p)``: ``O(k n p log n)`` plus ``O(n p)`` per recomputed row."""
         xp, (z,) = _operands(self, z=z)
-        out = self._c_product(xp.matrix_transpose(z)) / self._safe_normaliser()[..., None, :]
+        out = self._c_product(xp.matrix_transpose(z)) / self.normaliser[..., None, :]
         return self.exact_rows.matmul_rows(xp.matrix_transpose(out), z)
 
     def rmatmul(self, z):
         """``fᵀ Z`` for ``z (..., n, p)``."""
         xp, (z,) = _operands(self, z=z)
-        scaled = z * (self.exact_rows.keep_mask(z.dtype) / self._safe_normaliser())[..., :, None]
+        scaled = z * (self.exact_rows.keep_mask(z.dtype) / self.normaliser)[..., :, None]
         out = xp.matrix_transpose(self._c_product(xp.matrix_transpose(scaled), transpose=True))
         return self.exact_rows.rmatmul_add(out, z)
 
@@ -158,7 +154,9 @@ class ConvAttentionOperator:
 def _operands(op, **operands):
     """Operands ``(..., n, ·)`` checked, floating, in the dtype of ``op``'s products."""
     rows = dict.fromkeys(operands, op.n)
-    return check_operands(op.normaliser, operands, rows=rows, hadamard="g" in operands)
+    return check_operands(
+        op.normaliser, operands, rows=rows, batch=op.shape[:-2], hadamard="g" in operands
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -339,5 +337,5 @@ def conv_attention(
     tol = _tolerance(xp, q.dtype, tolerance)
     op, prod = _build(xp, q, k, rank, causal, probe, delta, scale, tol, with_values=v)
     # In place: prod is our own intermediate, and a fresh (e, n) array costs its page faults.
-    prod /= op._safe_normaliser()[..., None, :]
+    prod /= op.normaliser[..., None, :]
     return op.exact_rows.matmul_rows(xp.matrix_transpose(prod), v)

@@ -168,7 +168,7 @@ class MultipoleAttentionOperator:
         return (*self.q.shape[:-2], self.n, self.n)
 
     def _setup(self, z, name):
-        xp, (z,) = check_operands(self.q, {name: z}, rows={name: self.n})
+        xp, (z,) = check_operands(self.q, {name: z}, rows={name: self.n}, batch=self.shape[:-2])
         geo = geometry(self.n, self.block, self.basis, self.causal)
         try:
             xp.broadcast_shapes(self.q.shape[:-2], z.shape[:-2])
@@ -207,7 +207,9 @@ class MultipoleAttentionOperator:
 
     def _hadamard_operands(self, g, y, z):
         rows = dict.fromkeys("gyz", self.n)
-        xp, arrays = check_operands(self.q, {"g": g, "y": y, "z": z}, rows=rows, hadamard=True)
+        xp, arrays = check_operands(
+            self.q, {"g": g, "y": y, "z": z}, rows=rows, batch=self.shape[:-2], hadamard=True
+        )
         return (xp, *arrays)
 
     def hadamard_matmul(self, g, y, z, /):

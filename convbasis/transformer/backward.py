@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._array import namespace, sum_to_shape
-from ..gradients import GRADIENTS, attention_gradients
+from ..gradients import attention_gradients, check_gradient
 from ..reference import attention_backward as dense_attention_backward
 from .activations import ACTIVATIONS
 from .model import forward
@@ -121,8 +121,7 @@ def loss_and_gradients(
     """
     if not callable(loss):
         raise TypeError(f"loss must be callable, loss(out) -> (L, dL/dout); got {loss!r}")
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    check_gradient(gradient)
     out, cache = forward(params, x, attention=attention, causal=causal, scale=scale, **options)
     xp = namespace(out)
     value, g = loss(out)

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._array import as_floating, check_last_dim, check_rows, namespace
-from ..operators import METHODS, attention_operator
+from ..operators import attention_operator, check_method
 from ..reference import attention as dense_attention
 from .activations import ACTIVATIONS
 from .norms import norm_forward
-from .params import TransformerParams, check_choice
+from .params import TransformerParams
 
 __all__ = ["ForwardCache", "LayerCache", "forward"]
 
@@ -92,7 +92,7 @@ def _check_params(xp, params):
 def _validate_input(params, x, attention):
     if not isinstance(params, TransformerParams):
         raise TypeError(f"params must be TransformerParams, got {type(params).__name__}")
-    check_choice(attention, METHODS, "attention method")
+    check_method(attention)
     xp = namespace(x, *params.leaves().values())
     _check_params(xp, params)
     check_rows(x, "x")

@@ -1,0 +1,38 @@
+"""Scalar argument checks shared by every module (plain Python: no array library needed).
+
+:mod:`convbasis._array` re-exports them beside the array validators.
+"""
+
+from __future__ import annotations
+
+import operator
+
+__all__ = ["check_integer"]
+
+
+def check_integer(value, name, *, low=1, high=None, optional=False, what=None):
+    """``value`` as an ``int`` in ``[low, high]`` (Python or NumPy-style integers, not bool).
+
+    ``optional``: ``None`` passes through.  The message names the argument and the range:
+    "a positive integer" (``low = 1``), "a non-negative integer" (``low = 0``), or the bounds,
+    with ``what`` naming the upper bound (e.g. ``"n = 7"``).
+    """
+    if optional and value is None:
+        return None
+    if high is not None:
+        expected = f"an integer in [{low}, {what or high}]"
+    else:
+        expected = {1: "a positive integer", 0: "a non-negative integer"}.get(
+            low, f"an integer >= {low}"
+        )
+    if optional:
+        expected += " or None"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {expected}, got {value!r}") from None
+    if number < low or (high is not None and number > high):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return number
