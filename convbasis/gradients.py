@@ -1,10 +1,13 @@
 """Attention gradients through any attention operator (docs/math.rst §3, §7).
 
-Every gradient is a product of ``f`` or ``fᵀ`` — optionally Hadamard-multiplied by the rank-``e``
-matrix ``G Yᵀ`` — with a tall matrix, so the code below is written once against the four
-products of :mod:`convbasis.operators` and never branches on the method.  Costs are those of
-the operator: ``O(n² d)`` dense, ``O(n r d²)`` low-rank, ``O(k n d² log n)`` conv basis, with
-no ``n × n`` array on a fast path.
+The exact-formula gradients are products of ``f`` or ``fᵀ`` — optionally Hadamard-multiplied by
+the rank-``e`` matrix ``G Yᵀ`` — with tall matrices, so that route is written once against the
+four products of :mod:`convbasis.operators` and never branches on the method.  Costs are those
+of the operator: ``O(n² d)`` dense, ``O(n r d²)`` low-rank, ``O(k n d² log n)`` conv basis,
+``O(n (m + p log n) d²)`` multipole, with no ``n × n`` array on a fast path.  The model's own
+gradient (``gradient="model"``) is method-specific and lives beside each method
+(:mod:`convbasis.polynomial_gradient`, :mod:`convbasis.conv.gradient`,
+:func:`convbasis.multipole.multipole_attention_backward`).
 """
 
 from __future__ import annotations
@@ -136,7 +139,8 @@ def attention_gradients(
     -------
     (dq, dk, dv)
         Shaped like ``q``, ``k``, ``v``.  Exact-formula cost: that of the operator's products
-        (``O(n² d)`` dense, ``O(n r d²)`` low-rank, ``O(k n d² log n)`` conv basis).
+        (``O(n² d)`` dense, ``O(n r d²)`` low-rank, ``O(k n d² log n)`` conv basis,
+        ``O(n (m + p log n) d²)`` multipole); model cost: that of the method's forward.
 
     Notes
     -----

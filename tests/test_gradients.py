@@ -385,20 +385,21 @@ def test_multipole_model_gradient_is_its_backward(xp, rng, causal, n, block, bas
         (40, 3, True, 2.0),
         (37, 3, False, 2.0),
         (40, 3, True, 60.0),  # large logits: the safeguard recomputes rows exactly
+        (37, 3, False, 400.0),  # ... bidirectional: the upper basis's exact rows too
     ],
 )
 def test_conv_model_gradient_is_that_of_its_forward(xp, rng, n, rank, causal, logit_scale):
     from convbasis import conv_attention, conv_operator
 
-    if n >= 30:  # long segments: the correlations run by FFT
+    if n >= 30:  # long segments: every correlation runs by FFT
         starts = (0, n // 4 + 1, (2 * n) // 3)
         q, k, v, _ = rotary_conv_instance(rng, n, 4, starts, logit_scale=logit_scale, value_dim=3)
-    else:  # one-column segments: the correlations run directly
+    else:  # generic logits: short segments run directly, the last (long) one by FFT
         q, k, v = (rng.standard_normal((n, 3)) for _ in range(3))
     g = rng.standard_normal(v.shape)
     options = {"rank": rank, "delta": 1e-2}
     if logit_scale > 10:
-        assert conv_operator(q, k, causal=causal, rank=rank).recomputed_rows
+        assert conv_operator(q, k, causal=causal, **options).recomputed_rows
 
     def forward(q, k, v):
         return conv_attention(q, k, v, causal=causal, **options)
@@ -426,6 +427,69 @@ def test_conv_gradients_agree_along_directions_that_keep_the_instance_exact(rng,
     assert np.abs(model[1] - exact[1]).max() > 0.1 * np.abs(exact[1]).max()
 
 
+@pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("lowrank", {"eps": 1e-3, "scale": 0.5}),
+        ("conv", {"rank": 3, "delta": 1e-2}),
+        ("multipole", {"block": 4, "basis": 2}),
+    ],
+)
+def test_model_gradient_broadcasts_and_keeps_float32(xp, rng, method, options):
+    """Batch axes of q, k and of v, grad_out broadcast (each gradient summed back to its input's
+    shape), and float32 stays float32 within float32 round-off of the float64 result.  The
+    batch elements share one model (one polynomial, one set of segment starts), so the check
+    is against central differences of the batched forward."""
+    import convbasis as cb
+
+    forwards = {"lowrank": cb.lowrank_attention, "conv": cb.conv_attention}
+    forward = forwards.get(method, cb.multipole_attention)
+    q, k = rng.uniform(-1, 1, (2, 2, 1, 12, 3))
+    v, g = rng.uniform(-1, 1, (2, 1, 3, 12, 2))
+    _check_model_gradient(
+        np, q, k, v, g, lambda *a: forward(*a, **options), method, True, options, rtol=1e-5
+    )
+    ref = attention_gradients(q, k, v, g, method=method, gradient="model", **options)
+    arrays = [xp.asarray(a.astype("float32")) for a in (q, k, v, g)]
+    got = attention_gradients(*arrays, method=method, gradient="model", **options)
+    for a, b in zip(got, ref, strict=True):
+        assert_close(a, b, atol=2e-4 * np.abs(b).max(), xp=xp, dtype=arrays[0].dtype)
+
+
+def test_multipole_model_gradient_with_supplied_kernels(rng):
+    from convbasis import multipole_attention
+    from convbasis.multipole import kernel_shapes
+
+    n = 24
+    kernels = tuple(rng.uniform(0.2, 1.5, s) for s in kernel_shapes(n, block=4, basis=2))
+    options = {"block": 4, "basis": 2, "downsample": kernels}
+    q, k, v, g = (rng.standard_normal((n, 3)) for _ in range(4))
+
+    def forward(q, k, v):
+        return multipole_attention(q, k, v, **options)
+
+    _check_model_gradient(np, q, k, v, g, forward, "multipole", True, options)
+
+
+def test_model_gradients_on_a_non_default_device(rng):
+    xs = pytest.importorskip("array_api_strict")
+    dev, cpu = xs.Device("device1"), xs.Device("CPU_DEVICE")
+    q, k, v, g = (rng.uniform(-1, 1, (11, 3)) for _ in range(4))
+    for method, options in (("lowrank", {"eps": 1e-2}), ("multipole", {"block": 2, "basis": 1})):
+        for causal in (True, False):
+            on_dev = [xs.asarray(a, device=dev) for a in (q, k, v, g)]
+            got = attention_gradients(
+                *on_dev, method=method, gradient="model", causal=causal, **options
+            )
+            want = attention_gradients(
+                q, k, v, g, method=method, gradient="model", causal=causal, **options
+            )
+            for a, b in zip(got, want, strict=True):
+                assert a.device == dev
+                assert_close(xs.asarray(a, device=cpu), b, atol=1e-13)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_dense_model_gradient_is_the_exact_one(xp, rng, causal):
     q, k, v, g = (xp.asarray(rng.standard_normal((2, 9, 3))) for _ in range(4))
@@ -444,6 +508,12 @@ def test_exact_formula_is_the_default(rng):
     for a, b in zip(default, named, strict=True):
         assert np.array_equal(a, b)
     assert not np.allclose(default[0], model[0], rtol=1e-6, atol=0)
+
+
+def test_self_attention_gradients_names_its_meaning(rng):
+    x, w_q, w_k, w_v, g = _layer(rng)
+    with pytest.raises(TypeError, match="evaluates the five terms of the exact formulas"):
+        self_attention_gradients(x, w_q, w_k, w_v, g, method="lowrank", gradient="model")
 
 
 def test_gradient_bad_input(rng):

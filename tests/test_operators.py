@@ -106,3 +106,108 @@ def test_unknown_method_lists_the_registered_ones(rng):
         attention_operator(q, q, method="sparse")
     with pytest.raises(ValueError, match="unknown attention method"):
         attention_operator(q, q, method=["dense"])
+
+
+def _kernels(xp, rng, n, block, basis, dtype):
+    """Supplied pooling kernels: the multipole weights are then not row-stochastic."""
+    from convbasis.multipole import kernel_shapes
+
+    shapes = kernel_shapes(n, block=block, basis=basis)
+    return tuple(xp.asarray(rng.uniform(0.2, 1.5, s).astype(dtype)) for s in shapes)
+
+
+def _structured_cases(xp, rng, dtype):
+    """Operators whose products take the paths random small inputs miss: FFT segments, exact
+    rows, non-stochastic multipole weights."""
+    from convbasis.testing import rotary_conv_instance
+
+    cases = []
+    for causal in (True, False):
+        q, k, _, _ = rotary_conv_instance(rng, 48, 4, (0, 13, 30), logit_scale=2.0)
+        cases.append(("conv, long segments", causal, q, k, {"rank": 3}))
+        q, k, _, _ = rotary_conv_instance(rng, 40, 4, (0, 11, 25), logit_scale=60.0)
+        cases.append(("conv, recomputed rows", causal, q, k, {"rank": 3}))
+        q, k = rng.standard_normal((2, 40, 3))
+        kernels = _kernels(xp, rng, 40, 4, 2, dtype)
+        cases.append(
+            ("multipole, kernels", causal, q, k, {"block": 4, "basis": 2, "downsample": kernels})
+        )
+    return [
+        (name, c, xp.asarray(q.astype(dtype)), xp.asarray(k.astype(dtype)), o)
+        for name, c, q, k, o in cases
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_products_on_structured_operators(xp, rng, dtype):
+    for name, causal, q, k, options in _structured_cases(xp, rng, dtype):
+        method = name.split(",")[0]
+        op = attention_operator(q, k, method=method, causal=causal, **options)
+        if name == "conv, recomputed rows" and causal:
+            assert op.recomputed_rows, name
+        if name == "conv, long segments":
+            stops = (*op.lower.starts[1:], op.n)
+            assert max(b - a for a, b in zip(op.lower.starts, stops, strict=True)) > 8
+        f = to_numpy(op.to_dense()).astype(np.float64)
+        n = f.shape[-1]
+        g, y, z = (rng.standard_normal((n, w)) for w in (2, 2, 3))
+        h = f * (g @ y.T)
+        got = (
+            op.hadamard_matmul(*(xp.asarray(a.astype(dtype)) for a in (g, y, z))),
+            op.hadamard_rmatmul(*(xp.asarray(a.astype(dtype)) for a in (g, y, z))),
+            op.rmatmul(xp.asarray(z.astype(dtype))),
+        )
+        tol = 5e-5 if dtype == "float32" else 1e-11
+        for a, b in zip(got, (h @ z, h.T @ z, f.T @ z), strict=True):
+            assert_close(a, b, atol=tol * max(np.abs(b).max(), 1.0), err_msg=name)
+
+
+@pytest.mark.parametrize("method", list(OPTIONS))
+def test_operands_broadcast_against_the_operator_batch(xp, rng, method):
+    q, k = (xp.asarray(rng.uniform(-1, 1, (2, 1, 9, 3))) for _ in range(2))
+    op = attention_operator(q, k, method=method, **OPTIONS[method])
+    g, y, z = (rng.standard_normal((1, 3, 9, 2)) for _ in range(3))
+    f = to_numpy(op.to_dense()).astype(np.float64)
+    h = f * (g @ np.swapaxes(y, -1, -2))
+    got = op.hadamard_matmul(xp.asarray(g), xp.asarray(y), xp.asarray(z))
+    assert got.shape == (2, 3, 9, 2)
+    assert_close(got, h @ z, atol=1e-11 * np.abs(h @ z).max())
+    with pytest.raises(ValueError, match="must broadcast against the operator"):
+        op.matmul(xp.asarray(rng.standard_normal((3, 1, 9, 2))))
+
+
+@pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
+@pytest.mark.parametrize("causal", [True, False])
+def test_exact_formula_is_the_formula_on_each_operator(xp, rng, causal):
+    """``gradient="exact-formula"``: dq = s P K, dk = s Pᵀ Q, dv = fᵀ G with the method's own
+    f̃ (docs/math.rst §3), also where f̃ is not row-stochastic."""
+    from convbasis.gradients import attention_gradients
+
+    cases = [(m, o) for m, o in OPTIONS.items()]
+    cases.append(("multipole", {"block": 4, "basis": 2, "downsample": "kernels"}))
+    for method, options in cases:
+        q, k, v, g = (rng.standard_normal((13, 3)) for _ in range(4))
+        q, k = q / 2, k / 2
+        if options.get("downsample") == "kernels":
+            options = {**options, "downsample": _kernels(xp, rng, 13, 4, 2, "float64")}
+        arrays = [xp.asarray(a) for a in (q, k, v, g)]
+        op = attention_operator(arrays[0], arrays[1], method=method, causal=causal, **options)
+        f = to_numpy(op.to_dense())
+        s = 1 / np.sqrt(3)
+        delta = np.sum(g * (f @ v), axis=-1, keepdims=True)
+        p = f * (g @ v.T) - delta * f
+        want = (s * p @ k, s * p.T @ q, f.T @ g)
+        got = attention_gradients(*arrays, method=method, causal=causal, **options)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want, strict=True):
+            assert_close(a, b, atol=1e-12 * max(np.abs(b).max(), 1.0), err_msg=f"{method} {name}")
+
+
+def test_options_are_checked_against_the_constructor(rng):
+    from convbasis.gradients import attention_gradients
+
+    q = rng.standard_normal((5, 2))
+    with pytest.raises(TypeError, match=r"the lowrank method takes the options \['degree', 'eps'"):
+        attention_operator(q, q, method="lowrank", foo=1)
+    with pytest.raises(TypeError, match=r"the conv method takes the options .*got \['ranks'\]"):
+        attention_gradients(q, q, q, q, method="conv", gradient="model", ranks=2)
