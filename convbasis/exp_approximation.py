@@ -36,6 +36,8 @@ KINDS = ("chebyshev", "taylor")
 MAX_DEGREE = 64  # cap of the degree search: the monomial form is ill-conditioned far beyond
 _GRID = 4096  # fine-grid intervals for the measured error (plus 200 per degree)
 _COARSE = 256  # coarse pre-check: a grid maximum is a lower bound of the true maximum
+# Relative errors below this are lost in the float64 round-off of evaluating P(x) e^-x.
+_RESOLVABLE = 1e-14
 
 
 def _check_kind(kind):
@@ -296,8 +298,12 @@ def _degree_for_cached(eps, radius, kind):
             return degree
     raise ValueError(
         f"no {kind} polynomial of degree <= {MAX_DEGREE} approximates exp within "
-        f"eps={eps:g} on [-R, R] with R={radius:g}: the logits are too large for the "
-        "polynomial method (docs/math.rst §2)"
+        f"eps={eps:g} on [-R, R] with R={radius:g}: "
+        + (
+            f"eps is below what float64 evaluation of a polynomial resolves (about {_RESOLVABLE:g})"
+            if eps < _RESOLVABLE
+            else "the logits are too large for the polynomial method (docs/math.rst §2)"
+        )
     )
 
 

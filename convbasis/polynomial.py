@@ -69,6 +69,8 @@ class _Polynomial:
 
 
 def _row_norm_max(xp, x):
+    if not math.prod(x.shape):  # an empty batch: no logits to bound
+        return 0.0
     return float(xp.max(xp.sqrt(xp.sum(x * x, axis=-1))))
 
 
@@ -309,7 +311,8 @@ def lowrank_attention(
     w_left, w_right = _weight_arrays(xp, poly, q)
     q, k = q * poly.q_scale, k * poly.k_scale
     # docs/math.rst §2.4: the numerator and D in one product
-    z = xp.concat([v, xp.ones_like(v[..., :1])], axis=-1)
+    ones = xp.ones((*v.shape[:-1], 1), dtype=v.dtype, device=device(v))
+    z = xp.concat([v, ones], axis=-1)
     mT = xp.matrix_transpose
     batch = _batch_size(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     chunk = _chunk_for(poly.rank)

@@ -27,7 +27,7 @@ from .._array import (
 from ..operators import check_operands, hadamard_product
 from ._fft import c_product, segment_index, valid_mask
 from .basis import ConvBasis, _masked_max
-from .recovery import _recover, _recovery_options
+from .recovery import _largest, _recover, _recovery_options
 from .safeguard import ExactRows, noise_floor, under_resolved_rows
 
 __all__ = ["ConvAttentionOperator", "ConvBasisWarning", "conv_attention", "conv_operator"]
@@ -183,12 +183,12 @@ def _logit_residual(xp, q, k, scale, lower, upper):
         segments = segment_index(basis.starts, xp.arange(n, dtype=xp.int64, device=dev), xp)
         # Every diagonal entry (O(n d)): a start the recovery missed shows there first.
         diagonal = xp.take(basis.vectors[..., 0], segments, axis=basis.vectors.ndim - 2)
-        worst = xp.max(xp.abs(diagonal - scale * xp.vecdot(a, b)))
+        worst = xp.abs(diagonal - scale * xp.vecdot(a, b))
         a, b = (xp.take(x, idx, axis=x.ndim - 2) for x, idx in ((a, rows), (b, cols)))
         exact = scale * xp.vecdot(a, b)
         flat = xp.reshape(basis.vectors, (*basis.vectors.shape[:-2], basis.rank * n))
         entries = xp.take(flat, xp.take(segments, cols) * n + (rows - cols), axis=flat.ndim - 1)
-        return max(float(worst), float(xp.max(xp.abs(entries - exact))))
+        return max(_largest(xp, worst), _largest(xp, xp.abs(entries - exact)))
 
     residual = gap(lower, q, k)
     return residual if upper is None else max(residual, gap(upper, k, q))

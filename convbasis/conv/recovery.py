@@ -30,8 +30,8 @@ def _recovery_options(xp, q, k, rank, probe, delta, eps, scale):
         # (u = eps/2); δ covers that round-off on T entries, on top of the 4 T ε of
         # docs/math.rst §4.
         unit = float(xp.finfo(q.dtype).eps)
-        qn = float(xp.max(xp.vecdot(q, q))) ** 0.5
-        kn = float(xp.max(xp.vecdot(k, k))) ** 0.5
+        qn = _largest(xp, xp.vecdot(q, q)) ** 0.5
+        kn = _largest(xp, xp.vecdot(k, k)) ** 0.5
         delta = 4 * probe * eps + 4 * probe * d * unit * abs(scale) * qn * kn
         delta = max(delta, float(xp.finfo(q.dtype).smallest_normal))
     else:
@@ -42,6 +42,11 @@ def _recovery_options(xp, q, k, rank, probe, delta, eps, scale):
                 f"got {delta}"
             )
     return rank, probe, delta, eps, scale
+
+
+def _largest(xp, x):
+    """``max(x)`` as a float; 0 for an empty batch (no column of it differs or needs room)."""
+    return float(xp.max(x)) if math.prod(x.shape) else 0.0
 
 
 def _recover(xp, q, k, scale, rank, probe, delta, eps):
@@ -62,7 +67,7 @@ def _recover(xp, q, k, scale, rank, probe, delta, eps):
     def differs(j):
         gap = xp.sum(xp.abs(column(j, probe) - probe_vec), axis=-1)
         # Batch elements share the starts: a column differs if it differs in any of them.
-        return bool(xp.max(gap) >= threshold) if gap.ndim else bool(gap >= threshold)
+        return _largest(xp, gap) >= threshold
 
     last = n - probe
     while len(starts) < rank:
@@ -85,7 +90,15 @@ def _recover(xp, q, k, scale, rank, probe, delta, eps):
         xpx.pad(cols[..., s:, i], [(0, 0)] * (cols.ndim - 2) + [(0, s)], xp=xp)
         for i, s in enumerate(starts)
     ]
-    return tuple(starts), xp.stack(vectors, axis=-2)
+    vectors = xp.stack(vectors, axis=-2)
+    # NaN/inf inputs propagate (docs: conventions).  The basis sees K only at the segment starts
+    # and Q through shifted rows, so a non-finite entry elsewhere would vanish from the result:
+    # the whole batch element's basis becomes NaN instead.
+    finite = xp.all(xp.isfinite(q), axis=(-2, -1)) & xp.all(xp.isfinite(k), axis=(-2, -1))
+    if not bool(xp.all(finite)):
+        nan = xp.asarray(xp.nan, dtype=vectors.dtype, device=device(vectors))
+        vectors = xp.where(finite[..., None, None], vectors, nan)
+    return tuple(starts), vectors
 
 
 def recover_conv_basis(q, k, /, *, rank, probe=1, delta=None, eps=0.0, scale=None, causal=True):

@@ -57,6 +57,11 @@ def geometry(n, block, basis, causal):
             f"basis must divide the box size block={block} (every box is a multiple of "
             f"block), got basis={basis}"
         )
+    if n < block:
+        # One block, so exact attention, whatever its size: the smallest power of two that
+        # holds n gives the same result without the block² work and memory of the padding.
+        # (At least basis, so that the smaller block still validates when it is stored.)
+        block = max(1 << (n - 1).bit_length(), basis)
     blocks = -(-n // block)
     return Geometry(n, block << (blocks - 1).bit_length(), block, basis, bool(causal))
 

@@ -51,7 +51,9 @@ class _Level:
 
     def split(self, x):
         """``(..., N, e)`` → ``(..., G, C·R, e)``."""
-        return self.xp.reshape(x, (*x.shape[:-2], self.groups, -1, x.shape[-1]))
+        # explicit sizes, not -1: an empty batch leaves -1 undetermined
+        per_group = x.shape[-2] // self.groups
+        return self.xp.reshape(x, (*x.shape[:-2], self.groups, per_group, x.shape[-1]))
 
     def logits(self, q, keys, scale):
         """Masked logits ``(..., G, C, R, T)`` (``-inf`` where a token is not seen)."""
@@ -72,7 +74,9 @@ class _Level:
 
     def flat(self, w):
         """``(..., G, C, R, T)`` → ``(..., G, C·R, T)``."""
-        return self.xp.reshape(w, (*w.shape[:-4], self.groups, -1, self.tokens))
+        return self.xp.reshape(
+            w, (*w.shape[:-4], self.groups, w.shape[-3] * w.shape[-2], self.tokens)
+        )
 
 
 class _NearLevel(_Level):
