@@ -121,14 +121,14 @@ class ConvAttentionOperator:
         """``f Z`` for ``z (..., n, p)``: ``O(k n p log n)`` plus ``O(n p)`` per recomputed row."""
         xp, (z,) = _operands(self, z=z)
         out = self._c_product(xp.matrix_transpose(z)) / self.normaliser[..., None, :]
-        return self.exact_rows.matmul_rows(xp.matrix_transpose(out), z)
+        return _as_dtype_of(xp, self.exact_rows.matmul_rows(xp.matrix_transpose(out), z), z)
 
     def rmatmul(self, z):
         """``fᵀ Z`` for ``z (..., n, p)``."""
         xp, (z,) = _operands(self, z=z)
         scaled = z * (self.exact_rows.keep_mask(z.dtype) / self.normaliser)[..., :, None]
         out = xp.matrix_transpose(self._c_product(xp.matrix_transpose(scaled), transpose=True))
-        return self.exact_rows.rmatmul_add(out, z)
+        return _as_dtype_of(xp, self.exact_rows.rmatmul_add(out, z), z)
 
     def hadamard_matmul(self, g, y, z):
         """``(f ∘ G Yᵀ) Z = Σ_l diag(G_l) f diag(Y_l) Z``; ``g, y (..., n, r)``, ``z (..., n, p)``.
@@ -151,11 +151,17 @@ class ConvAttentionOperator:
         return self.matmul(eye)
 
 
+def _as_dtype_of(xp, out, like):
+    """``out`` in ``like``'s dtype: the FFTs compute half precision in float32 (scipy.fft has
+    no float16 transform), and the result comes back in the caller's dtype."""
+    return out if out.dtype == like.dtype else xp.astype(out, like.dtype)
+
+
 def _operands(op, **operands):
     """Operands ``(..., n, ·)`` checked, floating, in the dtype of ``op``'s products."""
     rows = dict.fromkeys(operands, op.n)
     return check_operands(
-        op.normaliser, operands, rows=rows, batch=op.shape[:-2], hadamard="g" in operands
+        op.lower.vectors, operands, rows=rows, batch=op.shape[:-2], hadamard="g" in operands
     )
 
 
@@ -338,4 +344,4 @@ def conv_attention(
     op, prod = _build(xp, q, k, rank, causal, probe, delta, scale, tol, with_values=v)
     # In place: prod is our own intermediate, and a fresh (e, n) array costs its page faults.
     prod /= op.normaliser[..., None, :]
-    return op.exact_rows.matmul_rows(xp.matrix_transpose(prod), v)
+    return _as_dtype_of(xp, op.exact_rows.matmul_rows(xp.matrix_transpose(prod), v), v)
