@@ -377,23 +377,12 @@ def multipole_reference(
 
     ``O(n² (L d + e))`` time and ``O(n²)`` memory; for tests on small ``n``.
     """
+    geometry = {"block": block, "basis": basis, "causal": causal}
     _, _, (q, k, v), kernels = prepare(
-        (q, k, v),
-        ("q", "k", "v"),
-        block=block,
-        basis=basis,
-        causal=causal,
-        downsample=downsample,
+        (q, k, v), ("q", "k", "v"), downsample=downsample, **geometry
     )
-    f = multipole_weights(
-        q,
-        k,
-        block=block,
-        basis=basis,
-        causal=causal,
-        downsample="mean" if kernels is None else kernels,
-        scale=scale,
-    )
+    down = "mean" if kernels is None else kernels
+    f = multipole_weights(q, k, downsample=down, scale=scale, **geometry)
     return f @ v
 
 

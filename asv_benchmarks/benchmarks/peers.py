@@ -1,0 +1,200 @@
+"""Every method against the kernel users already run: torch's scaled_dot_product_attention.
+
+The speed peer is ``torch.nn.functional.scaled_dot_product_attention`` on CPU, given 4-D
+``(1, 1, n, d)`` float32 tensors so that its fused kernel runs (3-D input falls back to an
+``n × n`` kernel).  Both sides get the same inputs in one process, timed interleaved; the
+``track_`` benchmarks record ``SDPA time / method time`` (above 1: the method is faster).  The
+backward compares ``attention_gradients`` (both meanings of the gradient, docs: "Fast
+gradients") with torch autograd through SDPA (forward and backward).
+
+Inputs per method, causal, float32: dense and conv at d = 64 (conv: an exact 16-segment rotary
+instance, rank 16), multipole at d = 64 (block 64, basis 4), polynomial at d = 8 with bounded
+entries (eps 1e-3, scale 1/8).  The suite skips without torch (``pip install torch`` in the
+bench environment; on these machines ``pip install torch==2.13.0`` takes the CPU build).
+
+``python -m benchmarks.peers [n ...]`` (from ``asv_benchmarks/``) prints the figures.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import numpy as np
+
+import convbasis as cb
+from convbasis.testing import rotary_conv_instance
+
+from .common import best_time
+
+D = 64
+LOWRANK_D = 8
+SEGMENTS = 16
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise NotImplementedError("torch is not installed") from None
+    return torch
+
+
+def inputs(method, n, seed=0):
+    """NumPy float32 ``q, k, v, g`` for ``method`` at length ``n``."""
+    rng = np.random.default_rng(seed)
+    if method == "conv":
+        starts = tuple(n * i // SEGMENTS for i in range(SEGMENTS))
+        q, k, v, _ = rotary_conv_instance(rng, n, D, starts)
+    elif method == "lowrank":
+        q, k, v = rng.uniform(-1, 1, (3, n, LOWRANK_D))
+    else:
+        q, k, v = rng.standard_normal((3, n, D))
+    g = rng.standard_normal(v.shape)
+    return tuple(a.astype(np.float32) for a in (q, k, v, g))
+
+
+OPTIONS = {
+    "dense": {},
+    "conv": {"rank": SEGMENTS},
+    "multipole": {"block": 64, "basis": 4},
+    "lowrank": {"eps": 1e-3, "scale": 1 / LOWRANK_D},
+}
+
+
+def forward(method, q, k, v):
+    if method == "dense":
+        return cb.attention(q, k, v, block=1024)
+    return {
+        "conv": cb.conv_attention,
+        "multipole": cb.multipole_attention,
+        "lowrank": cb.lowrank_attention,
+    }[method](q, k, v, **OPTIONS[method])
+
+
+def backward(method, gradient, q, k, v, g):
+    if method == "dense":
+        return cb.attention_backward(q, k, v, g, block=1024)
+    return cb.attention_gradients(q, k, v, g, method=method, gradient=gradient, **OPTIONS[method])
+
+
+def sdpa(torch, q, k, v, *, scale, grad=None):
+    """SDPA forward (and, with ``grad``, the backward by autograd) on 4-D tensors."""
+    q4, k4, v4 = (torch.from_numpy(a)[None, None] for a in (q, k, v))
+    if grad is None:
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(
+                q4, k4, v4, is_causal=True, scale=scale
+            )
+    q4, k4, v4 = (a.requires_grad_() for a in (q4, k4, v4))
+    out = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
+    out.backward(torch.from_numpy(grad)[None, None])
+    return q4.grad, k4.grad, v4.grad
+
+
+def _scale(method):
+    return OPTIONS[method].get("scale", 1 / np.sqrt(LOWRANK_D if method == "lowrank" else D))
+
+
+class PeerForward:
+    """Forward attention of each method against SDPA (ratio ``SDPA / method``)."""
+
+    params = (["dense", "conv", "multipole", "lowrank"], [2**12, 2**14])
+    param_names = ["method", "n"]
+    timeout = 600
+
+    def setup(self, method, n):
+        self.torch = _torch()
+        self.arrays = inputs(method, n)
+        warnings.simplefilter("ignore", cb.ConvBasisWarning)
+
+    def time_method(self, method, n):
+        forward(method, *self.arrays[:3])
+
+    def time_sdpa(self, method, n):
+        sdpa(self.torch, *self.arrays[:3], scale=_scale(method))
+
+    def track_speedup_over_sdpa(self, method, n):
+        ours = best_time(lambda: forward(method, *self.arrays[:3]))
+        theirs = best_time(lambda: sdpa(self.torch, *self.arrays[:3], scale=_scale(method)))
+        return theirs / ours
+
+    def track_max_error_against_sdpa(self, method, n):
+        out = np.asarray(forward(method, *self.arrays[:3]), dtype=np.float64)
+        ref = sdpa(self.torch, *self.arrays[:3], scale=_scale(method)).numpy()[0, 0]
+        return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+class PeerBackward:
+    """Gradients (dq, dk, dv) of each method against SDPA's forward + autograd backward."""
+
+    params = (["conv", "multipole", "lowrank"], ["exact-formula", "model"], [2**12])
+    param_names = ["method", "gradient", "n"]
+    timeout = 900
+
+    def setup(self, method, gradient, n):
+        self.torch = _torch()
+        self.arrays = inputs(method, n)
+        warnings.simplefilter("ignore", cb.ConvBasisWarning)
+
+    def time_method(self, method, gradient, n):
+        backward(method, gradient, *self.arrays)
+
+    def time_sdpa(self, method, gradient, n):
+        q, k, v, g = self.arrays
+        sdpa(self.torch, q, k, v, scale=_scale(method), grad=g)
+
+    def track_speedup_over_sdpa(self, method, gradient, n):
+        q, k, v, g = self.arrays
+        ours = best_time(lambda: backward(method, gradient, q, k, v, g))
+        theirs = best_time(lambda: sdpa(self.torch, q, k, v, scale=_scale(method), grad=g))
+        return theirs / ours
+
+
+def _interleaved(first, second, rounds=2):
+    """Best times of two callables, alternated ``rounds`` times."""
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, func in enumerate((first, second)):
+            start = time.perf_counter()
+            func()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def measure(sizes=(2**12, 2**14), backward_sizes=(2**12,)):
+    """Print method and SDPA times and their ratio, forward and backward."""
+    torch = _torch()
+    warnings.simplefilter("ignore", cb.ConvBasisWarning)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; causal, float32")
+    for n in sizes:
+        for method in OPTIONS:
+            q, k, v, _ = inputs(method, n)
+            ours, theirs = _interleaved(
+                lambda m=method, q=q, k=k, v=v: forward(m, q, k, v),
+                lambda m=method, q=q, k=k, v=v: sdpa(torch, q, k, v, scale=_scale(m)),
+            )
+            print(
+                f"forward  {method:>9} n={n:>7} d={q.shape[-1]:>2}: {ours:8.3f} s   "
+                f"SDPA {theirs:8.3f} s   SDPA/method {theirs / ours:6.2f}x",
+                flush=True,
+            )
+    for n in backward_sizes:
+        for method in ("conv", "multipole", "lowrank"):
+            arrays = inputs(method, n)
+            for gradient in ("exact-formula", "model"):
+                ours, theirs = _interleaved(
+                    lambda m=method, gr=gradient, a=arrays: backward(m, gr, *a),
+                    lambda m=method, a=arrays: sdpa(torch, *a[:3], scale=_scale(m), grad=a[3]),
+                )
+                print(
+                    f"backward {method:>9} {gradient:>13} n={n:>7}: {ours:8.3f} s   SDPA fwd+bwd "
+                    f"{theirs:8.3f} s   SDPA/method {theirs / ours:6.2f}x",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    sizes = tuple(int(a) for a in sys.argv[1:]) or (2**12, 2**14)
+    measure(sizes)
