@@ -10,15 +10,16 @@ every other backend runs the generic Array-API code here.  Every algorithm modul
 from __future__ import annotations
 
 import math
-import operator
 
 import array_api_compat
 import scipy.fft
 
 from . import _numpy
+from ._validation import check_integer
 
 __all__ = [
     "as_floating",
+    "check_batch",
     "check_integer",
     "check_last_dim",
     "check_rows",
@@ -42,14 +43,23 @@ def namespace(*arrays):
     Raises
     ------
     TypeError
-        If the arrays come from different libraries or live on different devices.
+        If the arrays come from different libraries or live on different devices, or if
+        any is a Dask array: the algorithms call ``float()``/``bool()`` on reductions and
+        loop over Python-level blocks, which Dask would compute eagerly, piece by piece;
+        :mod:`convbasis.dask` runs them chunk by chunk instead.
     """
     present = [a for a in arrays if a is not None]
+    if any(array_api_compat.is_dask_array(a) for a in present):
+        raise TypeError(
+            "convbasis functions do not take dask arrays: use convbasis.dask.attention or "
+            "convbasis.dask.attention_gradients (every method, one call per batch/head chunk)"
+        )
     try:
         xp = array_api_compat.array_namespace(*present)
     except TypeError as exc:
         raise TypeError(f"all arrays must come from one array library: {exc}") from None
-    devices = {str(array_api_compat.device(a)) for a in present}
+    # A JAX tracer (under jit, grad or vmap) has no device: it cannot disagree with the others.
+    devices = {str(d) for d in map(array_api_compat.device, present) if d is not None}
     if len(devices) > 1:
         raise TypeError(f"all arrays must live on one device, got {sorted(devices)}")
     return xp
@@ -66,34 +76,6 @@ def as_floating(xp, arrays, names):
             raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
     dtype = xp.result_type(*arrays)
     return tuple(a if a.dtype == dtype else xp.astype(a, dtype) for a in arrays)
-
-
-def check_integer(value, name, *, low=1, high=None, optional=False, what=None):
-    """``value`` as an ``int`` in ``[low, high]`` (Python or NumPy-style integers, not bool).
-
-    ``optional``: ``None`` passes through.  The message names the argument and the range:
-    "a positive integer" (``low = 1``), "a non-negative integer" (``low = 0``), or the bounds,
-    with ``what`` naming the upper bound (e.g. ``"n = 7"``).
-    """
-    if optional and value is None:
-        return None
-    if high is not None:
-        expected = f"an integer in [{low}, {what or high}]"
-    else:
-        expected = {1: "a positive integer", 0: "a non-negative integer"}.get(
-            low, f"an integer >= {low}"
-        )
-    if optional:
-        expected += " or None"
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be {expected}, got {value!r}") from None
-    if number < low or (high is not None and number > high):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return number
 
 
 def check_rows(x, name, *, min_ndim=2):
@@ -133,6 +115,12 @@ def validate_attention_inputs(q, k, v, *, causal, extra=(), extra_names=()):
             "causal attention needs as many queries as keys, got "
             f"q shape {q.shape} and k shape {k.shape}"
         )
+    check_batch(xp, arrays, names)
+    return (xp, *as_floating(xp, arrays, names))
+
+
+def check_batch(xp, arrays, names):
+    """Require the leading (batch/head) axes of ``(..., n, ·)`` arrays to broadcast."""
     try:
         xp.broadcast_shapes(*(a.shape[:-2] for a in arrays))
     except ValueError:
@@ -140,7 +128,6 @@ def validate_attention_inputs(q, k, v, *, causal, extra=(), extra_names=()):
             "leading (batch/head) axes must broadcast, got shapes "
             + ", ".join(f"{n} {a.shape}" for a, n in zip(arrays, names, strict=True))
         ) from None
-    return (xp, *as_floating(xp, arrays, names))
 
 
 def validate_qk(q, k, *, causal, same_length=None):
@@ -161,8 +148,16 @@ def validate_qk(q, k, *, causal, same_length=None):
 def resolve_scale(scale, d):
     """The logit scale: ``1/sqrt(d)`` by default (PyTorch SDPA); the papers use ``1/d``."""
     if scale is None:
+        if d == 0:
+            raise ValueError(
+                "the head dimension is d = 0, so the default scale 1/sqrt(d) is undefined: "
+                "pass scale= or inputs with d >= 1"
+            )
         return 1.0 / math.sqrt(d)
-    scale = float(scale)
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a real number or None, got {scale!r}") from None
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale

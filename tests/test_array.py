@@ -178,3 +178,15 @@ def test_single_threaded_blas_overlapping_callers_restore_the_setting():
         assert blas_threads() == {1}  # B is still inside
         call_b.__exit__(None, None, None)
         assert blas_threads() == {2}
+
+
+def test_an_array_without_a_device_does_not_conflict(monkeypatch):
+    """A JAX tracer (under jit, grad, vmap) reports no device; it is no second device."""
+    import array_api_compat
+
+    from convbasis._array import namespace
+
+    a, traced = np.ones((3, 2)), np.ones((3, 2))
+    real = array_api_compat.device
+    monkeypatch.setattr(array_api_compat, "device", lambda x: None if x is traced else real(x))
+    assert namespace(a, traced) is namespace(a)

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 from array_api_compat import device
 
-from .._array import as_floating, check_integer, check_last_dim, check_rows, namespace
+from .._array import (
+    as_floating,
+    check_batch,
+    check_integer,
+    check_last_dim,
+    check_rows,
+    namespace,
+)
 
 __all__ = [
     "PARAMS_DOC",
@@ -123,13 +130,7 @@ def prepare(arrays, names, *, block, basis, causal, downsample):
     check_last_dim(arrays[1], names[1], d, "the head dimension of q")
     if len(arrays) == 4:
         check_last_dim(arrays[3], names[3], arrays[2].shape[-1], "the value dimension of v")
-    try:
-        xp.broadcast_shapes(*(a.shape[:-2] for a in arrays))
-    except ValueError:
-        raise ValueError(
-            "leading (batch/head) axes must broadcast, got shapes "
-            + ", ".join(f"{nm} {a.shape}" for a, nm in zip(arrays, names, strict=True))
-        ) from None
+    check_batch(xp, arrays, names)
     geo = geometry(n, block, basis, causal)
     if supplied:
         _check_kernels(xp, geo, kernels)
