@@ -46,8 +46,8 @@ import array_api_compat
 
 from ._array import resolve_scale
 from .conv import conv_attention
-from .gradients import GRADIENTS
 from .gradients import attention_gradients as _attention_gradients
+from .gradients import check_grad_out, check_gradient
 from .multipole import multipole_attention
 from .operators import check_method
 from .polynomial import lowrank_attention
@@ -178,15 +178,7 @@ def _check_shapes(q, k, v, g, *, method, causal):
                 f"q shape {q.shape} and k shape {k.shape}"
             )
     if g is not None:
-        if g.shape[-1] != v.shape[-1]:
-            raise ValueError(
-                f"grad_out must have last dimension {v.shape[-1]} (the value dimension of v), "
-                f"got shape {g.shape}"
-            )
-        if g.shape[-2] != q.shape[-2]:
-            raise ValueError(
-                f"grad_out must have as many rows as q ({q.shape[-2]}), got shape {g.shape}"
-            )
+        check_grad_out(q, v, g)
 
 
 def _prepare(arrays, names, *, entry, method, causal, scale):
@@ -322,8 +314,7 @@ def attention_gradients(
     TypeError, ValueError
         As in :func:`attention`; also an unknown ``gradient``.
     """
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    check_gradient(gradient)
     da, meta = _prepare(
         (q, k, v, grad_out),
         ("q", "k", "v", "grad_out"),

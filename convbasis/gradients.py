@@ -18,11 +18,27 @@ from ._array import check_last_dim, resolve_scale, sum_to_shape, validate_attent
 from .operators import attention_operator, check_options
 from .reference import SelfAttentionGradients, _validate_self_attention
 
-__all__ = ["GRADIENTS", "attention_gradients", "self_attention_gradients"]
+__all__ = [
+    "GRADIENTS",
+    "attention_gradients",
+    "check_grad_out",
+    "check_gradient",
+    "self_attention_gradients",
+]
 
 
 GRADIENTS = ("exact-formula", "model")
 """The two meanings of a fast method's gradient (docs/math.rst §7)."""
+
+
+def check_grad_out(q, v, grad_out):
+    """``grad_out`` must be shaped like the output: ``(..., n, e)`` for ``q (..., n, d)``,
+    ``v (..., m, e)``."""
+    check_last_dim(grad_out, "grad_out", v.shape[-1], "the value dimension of v")
+    if grad_out.shape[-2] != q.shape[-2]:
+        raise ValueError(
+            f"grad_out must have as many rows as q ({q.shape[-2]}), got shape {grad_out.shape}"
+        )
 
 
 def check_gradient(gradient):
@@ -156,11 +172,7 @@ def attention_gradients(
     xp, q, k, v, g = validate_attention_inputs(
         q, k, v, causal=causal, extra=(grad_out,), extra_names=("grad_out",)
     )
-    check_last_dim(g, "grad_out", v.shape[-1], "the value dimension of v")
-    if g.shape[-2] != q.shape[-2]:
-        raise ValueError(
-            f"grad_out must have as many rows as q ({q.shape[-2]}), got shape {g.shape}"
-        )
+    check_grad_out(q, v, g)
     check_options(method, method_options)
     check_gradient(gradient)
     s = resolve_scale(scale, q.shape[-1])
