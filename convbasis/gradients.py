@@ -12,6 +12,8 @@ gradient (``gradient="model"``) is method-specific and lives beside each method
 
 from __future__ import annotations
 
+import itertools
+
 from array_api_compat import device
 
 from ._array import check_last_dim, resolve_scale, sum_to_shape, validate_attention_inputs
@@ -48,28 +50,40 @@ def check_gradient(gradient):
     return gradient
 
 
-def _delta_and_row_sums(xp, op, y, g):
-    """``δ = rowsum(G ∘ f Y)`` and ``f 1``, columns ``(..., n, 1)``, from one product.
+def _one_product(xp, product, *parts):
+    """``product`` of each of ``parts`` (``(..., m, w_i)``) from one call on their
+    concatenation: a structured product pays its per-call work (multipole's level weights, the
+    conv safeguard's exact rows) once."""
+    batch = xp.broadcast_shapes(*(a.shape[:-2] for a in parts))
+    parts = [xp.broadcast_to(a, (*batch, *a.shape[-2:])) for a in parts]
+    out = product(xp.concat(parts, axis=-1))
+    edges = list(itertools.accumulate((a.shape[-1] for a in parts), initial=0))
+    return [out[..., lo:hi] for lo, hi in itertools.pairwise(edges)]
+
+
+def _forward_products(xp, op, y, g, z):
+    """``δ = rowsum(G ∘ f Y)``, ``f 1`` and ``f Z`` from one product.
 
     ``f 1 = 1`` for a normalised ``f``; Fast Multipole Attention with supplied downsampling
     kernels is not row-stochastic, and the centring below must know it.
     """
     ones = xp.ones((*y.shape[:-1], 1), dtype=y.dtype, device=device(y))
-    both = op.matmul(xp.concat([y, ones], axis=-1))
-    return xp.sum(g * both[..., :-1], axis=-1, keepdims=True), both[..., -1:]
+    fy, f1, fz = _one_product(xp, op.matmul, y, ones, z)
+    return xp.sum(g * fy, axis=-1, keepdims=True), f1, fz
 
 
 def _exact_formula(xp, q, k, v, g, *, method, causal, scale, **options):
     op = attention_operator(q, k, method=method, causal=causal, scale=scale, **options)
-    delta, f1 = _delta_and_row_sums(xp, op, v, g)
+    mu = xp.mean(k, axis=-2, keepdims=True)
+    kc = k - mu
+    delta, f1, f_kc = _forward_products(xp, op, v, g, kc)
     # P = f ∘ G Vᵀ − diag(δ) f has row sums P 1 = δ (1 − f 1) ((f ∘ G Vᵀ) 1 = δ), so
     # P K = P K_c + δ (1 − f 1) μᵀ with K_c = K − 1 μᵀ: the centred keys avoid cancellation
     # between the two products when K has a large common component (docs: "Fast gradients").
-    mu = xp.mean(k, axis=-2, keepdims=True)
-    kc = k - mu
-    dq = scale * (op.hadamard_matmul(g, v, kc) - delta * op.matmul(kc) + delta * (1 - f1) * mu)
-    dk = scale * (op.hadamard_rmatmul(g, v, q) - op.rmatmul(delta * q))
-    return dq, dk, op.rmatmul(g)
+    dq = scale * (op.hadamard_matmul(g, v, kc) - delta * f_kc + delta * (1 - f1) * mu)
+    f_dq, dv = _one_product(xp, op.rmatmul, delta * q, g)
+    dk = scale * (op.hadamard_rmatmul(g, v, q) - f_dq)
+    return dq, dk, dv
 
 
 # Each model gradient receives the inputs validated and promoted to one dtype, and ``given``:
@@ -210,8 +224,8 @@ def self_attention_gradients(
     Returns
     -------
     SelfAttentionGradients
-        Five operator products with ``d_model`` columns (two of them Hadamard with rank
-        ``d_v``), plus ``O(n d_model (d_model + d_head))`` dense work.
+        Four operator calls (two of them Hadamard products with rank ``d_v``) on about
+        ``d_model`` columns each, plus ``O(n d_model (d_model + d_head))`` dense work.
     """
     if "gradient" in method_options:
         raise TypeError(
@@ -224,7 +238,6 @@ def self_attention_gradients(
     mT = xp.matrix_transpose
     q, k, y = x @ w_q, x @ w_k, x @ w_v
     op = attention_operator(q, k, method=method, causal=causal, scale=s, **method_options)
-    delta, f1 = _delta_and_row_sums(xp, op, y, g)
     batch = xp.broadcast_shapes(q.shape[:-2], y.shape[:-2], g.shape[:-2])
     xb = xp.broadcast_to(x, (*batch, *x.shape[-2:]))
     w = w_q @ mT(w_k)
@@ -235,14 +248,14 @@ def self_attention_gradients(
     # extra product.
     mu = xp.mean(xb, axis=-2, keepdims=True)
     xc = xb - mu
+    delta, f1, f_xc = _forward_products(xp, op, y, g, xc)  # δ, f 1, f X_c
     fgy_xc = op.hadamard_matmul(g, y, xc)  # (f ∘ G Yᵀ) X_c
-    f_xc = op.matmul(xc)  # f X_c
-    f_v = op.rmatmul(g)  # fᵀ G
+    ft_dx, f_v = _one_product(xp, op.rmatmul, delta * xb, g)  # fᵀ (δ ∘ X), fᵀ G
     terms = (
         s * ((fgy_xc + delta * mu) @ mT(w)),
         -s * ((delta * (f_xc + f1 * mu)) @ mT(w)),
         s * (op.hadamard_rmatmul(g, y, xb) @ w),
-        -s * (op.rmatmul(delta * xb) @ w),
+        -s * (ft_dx @ w),
         f_v @ mT(w_v),
     )
     dx = terms[0] + terms[1] + terms[2] + terms[3] + terms[4]
