@@ -7,6 +7,13 @@ is the operator-based version that takes ``method=``.
 """
 
 from .causal import face_splitting_product, masked_hadamard_matmul, masked_lowrank_matmul
+from .composite import (
+    CompositeAttentionOperator,
+    CompositeReport,
+    CompositeWarning,
+    composite_attention,
+    composite_operator,
+)
 from .conv import (
     ConvAttentionOperator,
     ConvBasis,
@@ -57,6 +64,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionOperator",
+    "CompositeAttentionOperator",
+    "CompositeReport",
+    "CompositeWarning",
     "ConvAttentionOperator",
     "ConvBasis",
     "ConvBasisWarning",
@@ -73,6 +83,8 @@ __all__ = [
     "attention_operator",
     "attention_weights",
     "chebyshev_coefficients",
+    "composite_attention",
+    "composite_operator",
     "conv_attention",
     "conv_matmul",
     "conv_operator",

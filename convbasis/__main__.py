@@ -9,7 +9,11 @@ accuracy/speed table of the attention methods for the caller's own sizes, and ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib.util
+import itertools
+import math
 import sys
 import time
 import warnings
@@ -163,27 +167,85 @@ def _rows(n, d, rng):
 def demo(n=2048, d=64, seed=0, file=None, progress=None):
     """Print the demo table (float32 inputs, errors against float64 explicit results).
 
-    ``file`` defaults to standard output; ``progress`` (a progress line) to standard error.
+    ``file`` defaults to standard output, ``progress`` to standard error.  Warnings raised by a
+    row are collected and printed as notes after the table.
     """
     file = sys.stdout if file is None else file
-    progress = sys.stderr if progress is None else progress
+    show = _Progress(sys.stderr if progress is None else progress)
     rng = np.random.default_rng(seed)
     header = f"{'algorithm':<52} {'n':>7} {'d':>4} {'rel. error':>11} {'time [s]':>9}"
     print(header, file=file)
     print("-" * len(header), file=file)
-    start = time.perf_counter()
-    for count, (name, n_, d_, err, sec) in enumerate(_rows(n, d, rng), 1):
-        print(f"{name:<52} {n_:>7} {d_:>4} {err:>11.2e} {sec:>9.4f}", file=file, flush=True)
-        _progress(progress, f"{count} rows done, {time.perf_counter() - start:.1f} s elapsed")
-    _progress(progress, None)
+    notes = _Notes()
+    rows = _rows(n, d, rng)
+    for count in itertools.count(1):
+        with notes.capture() as texts:
+            row = next(rows, None)
+        if row is None:
+            break
+        name, n_, d_, err, sec = row
+        show.clear()
+        line = f"{name:<52} {n_:>7} {d_:>4} {err:>11.2e} {sec:>9.4f}"
+        print(f"{line} {notes.mark(texts)}".rstrip(), file=file, flush=True)
+        show(f"row {count} done")
+    show.clear()
+    notes.print(file)
 
 
-def _progress(stream, message):
-    """A one-line progress display on an interactive stream (nothing when redirected)."""
-    if stream is None or not stream.isatty():
-        return
-    stream.write("\r\033[K" + (f"... {message}" if message else ""))
-    stream.flush()
+class _Progress:
+    """Progress on ``stream``: one line rewritten in place on a terminal, otherwise one line
+    per step, so that piped or logged runs show progress too."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.start = time.perf_counter()
+
+    def __call__(self, message):
+        text = f"... {message} ({time.perf_counter() - self.start:.1f} s elapsed)"
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def clear(self):
+        """Erase the in-place line before a table row is printed (a no-op when piped)."""
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+class _Notes:
+    """Warnings and refusals, numbered in table order and printed after the table.
+
+    Capturing warnings keeps them from printing over the progress line or between rows.
+    """
+
+    def __init__(self):
+        self.notes = []
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Yield a list of note texts for one row; the block's warnings are appended to it."""
+        texts = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield texts
+        # One note per distinct message: a method may warn once per head or per call.
+        texts += dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught)
+
+    def mark(self, texts):
+        """Number ``texts`` as notes; their markers (``"[1] [2]"``) for the table row."""
+        self.notes += texts
+        first = len(self.notes) - len(texts) + 1
+        return " ".join(f"[{i}]" for i in range(first, len(self.notes) + 1))
+
+    def print(self, file):
+        if self.notes:
+            print("\nnotes:", file=file)
+        for number, text in enumerate(self.notes, 1):
+            print(f"[{number}] {text}", file=file)
 
 
 # --- report -------------------------------------------------------------------------------
@@ -195,7 +257,9 @@ def _method_runners(args):
     runs ``attention_operator(q, k, method=...).matmul(v)``."""
     causal = not args.bidirectional
     runners = {
-        "dense": lambda q, k, v: reference.attention(q, k, v, causal=causal, block=512),
+        "dense": lambda q, k, v: reference.attention(
+            q, k, v, causal=causal, scale=args.scale, block=512
+        ),
         "lowrank": lambda q, k, v: lowrank_attention(
             q, k, v, causal=causal, eps=args.eps, scale=args.scale, max_rank=args.max_rank
         ),
@@ -221,9 +285,14 @@ def _inputs(kind, n, d, dtype, rng):
 
 
 def report(args, file=None, progress=None):
-    """Accuracy and speed of each method against the blocked dense reference."""
+    """Accuracy and speed of each method against the blocked dense reference.
+
+    Every row uses ``args.scale`` (the dense baseline and the float64 reference too).  A method
+    that refuses a size (``ValueError``, e.g. a rank over ``--max-rank``) gets a row of dashes
+    and a note; warnings become numbered notes after the table.
+    """
     file = sys.stdout if file is None else file
-    progress = sys.stderr if progress is None else progress
+    show = _Progress(sys.stderr if progress is None else progress)
     runners = _method_runners(args)
     methods = list(runners) if "all" in args.method else args.method
     rng = np.random.default_rng(args.seed)
@@ -233,38 +302,48 @@ def report(args, file=None, progress=None):
     )
     print(header, file=file)
     print("-" * len(header), file=file)
+    notes = _Notes()
     rows = []
     for n in args.n:
         q, k, v = _inputs(args.inputs, n, args.d, args.dtype, rng)
-        _progress(progress, f"dense reference at n = {n}")
-        exact, dense_sec = _timed_once(
-            lambda q=q, k=k, v=v: reference.attention(
-                *(a.astype(np.float64) for a in (q, k, v)),
-                causal=not args.bidirectional,
-                scale=args.scale,
-                block=512,
-            )
+        show(f"float64 reference at n = {n}")
+        exact = reference.attention(
+            *(a.astype(np.float64) for a in (q, k, v)),
+            causal=not args.bidirectional,
+            scale=args.scale,
+            block=512,
         )
+        show(f"dense baseline at n = {n}")
         dense_sec = _timed_once(lambda q=q, k=k, v=v: runners["dense"](q, k, v))[1]
         for method in methods:
-            _progress(progress, f"{method} at n = {n}")
-            try:
-                out, sec = _timed_once(lambda m=method, q=q, k=k, v=v: runners[m](q, k, v))
-            except ValueError as exc:  # e.g. a rank over --max-rank: say so, keep going
-                _progress(progress, None)
-                print(f"{method:<10} {n:>8} {args.d:>4}  refused: {exc}", file=file, flush=True)
-                continue
-            err = float(np.abs(out - exact).max())
-            rel = err / float(np.abs(exact).max())
-            rows.append((method, n, sec, dense_sec, err))
-            _progress(progress, None)
-            print(
-                f"{method:<10} {n:>8} {args.d:>4} {sec:>10.4f} {dense_sec:>10.4f} "
-                f"{dense_sec / sec:>9.1f} {err:>10.2e} {rel:>10.2e}",
-                file=file,
-                flush=True,
+            show(f"{method} at n = {n}")
+            with notes.capture() as texts:
+                try:
+                    out, sec = _timed_once(lambda m=method, q=q, k=k, v=v: runners[m](q, k, v))
+                except ValueError as exc:  # e.g. a rank over --max-rank: say so, keep going
+                    out = None
+                    texts.append(f"{method} refused n = {n}: {exc}")
+            if out is None:
+                cells = ("-", f"{dense_sec:.4f}", "-", "-", "-")
+            else:
+                err = float(np.abs(out - exact).max())
+                rel = err / float(np.abs(exact).max())
+                rows.append((method, n, sec, dense_sec, err))
+                cells = (
+                    f"{sec:.4f}",
+                    f"{dense_sec:.4f}",
+                    f"{dense_sec / sec:.1f}",
+                    f"{err:.2e}",
+                    f"{rel:.2e}",
+                )
+            show.clear()
+            line = (
+                f"{method:<10} {n:>8} {args.d:>4} {cells[0]:>10} {cells[1]:>10} "
+                f"{cells[2]:>9} {cells[3]:>10} {cells[4]:>10}"
             )
-    _progress(progress, None)
+            print(f"{line} {notes.mark(texts)}".rstrip(), file=file, flush=True)
+    show.clear()
+    notes.print(file)
     if args.plot:
         _plot(rows, args.plot)
         print(f"plot saved to {args.plot}", file=file)
@@ -278,13 +357,11 @@ def _timed_once(func):
 
 
 def _plot(rows, path):
-    try:
-        import matplotlib
+    import matplotlib  # optional: main() checks that it is installed before the run
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: python3 -m pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
     for method in dict.fromkeys(r[0] for r in rows):
         mine = [r for r in rows if r[0] == method]
@@ -302,17 +379,59 @@ def _plot(rows, path):
     plt.close(fig)
 
 
+def _positive_int(text):
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text):
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _integer(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _fraction(text):
+    value = _finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text!r}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m convbasis", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="run every algorithm on a default problem")
-    p_demo.add_argument("--n", type=int, default=2048, help="sequence length (default 2048)")
-    p_demo.add_argument("--d", type=int, default=64, help="head dimension (default 64)")
-    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument(
+        "--n", type=_positive_int, default=2048, help="sequence length (default 2048)"
+    )
+    p_demo.add_argument("--d", type=_positive_int, default=64, help="head dimension (default 64)")
+    p_demo.add_argument("--seed", type=_nonnegative_int, default=0)
 
     p_rep = sub.add_parser("report", help="accuracy/speed table for your own sizes")
-    p_rep.add_argument("--n", type=int, nargs="+", default=[4096], help="sequence lengths")
-    p_rep.add_argument("--d", type=int, default=8, help="head dimension (default 8)")
+    p_rep.add_argument(
+        "--n", type=_positive_int, nargs="+", default=[4096], help="sequence lengths"
+    )
+    p_rep.add_argument("--d", type=_positive_int, default=8, help="head dimension (default 8)")
     p_rep.add_argument(
         "--method",
         nargs="+",
@@ -327,20 +446,33 @@ def main(argv=None):
         choices=["uniform", "gaussian"],
         help="entries uniform in [-1, 1] (default) or standard normal",
     )
-    p_rep.add_argument("--scale", type=float, default=None, help="logit scale (1/sqrt(d))")
-    p_rep.add_argument("--eps", type=float, default=1e-3, help="lowrank: exp accuracy")
-    p_rep.add_argument("--max-rank", type=int, default=20000, help="lowrank: rank cap")
-    p_rep.add_argument("--rank", type=int, default=16, help="conv: basis size k")
-    p_rep.add_argument("--block", type=int, default=64, help="multipole: block size")
-    p_rep.add_argument("--basis", type=int, default=4, help="multipole: tokens per box")
-    p_rep.add_argument("--seed", type=int, default=0)
+    p_rep.add_argument(
+        "--scale", type=_finite_float, default=None, help="logit scale (default 1/sqrt(d))"
+    )
+    p_rep.add_argument("--eps", type=_fraction, default=1e-3, help="lowrank: exp accuracy")
+    p_rep.add_argument("--max-rank", type=_positive_int, default=20000, help="lowrank: rank cap")
+    p_rep.add_argument("--rank", type=_positive_int, default=16, help="conv: basis size k")
+    p_rep.add_argument(
+        "--block", type=_positive_int, default=64, help="multipole: block size (a power of two)"
+    )
+    p_rep.add_argument(
+        "--basis", type=_positive_int, default=4, help="multipole: tokens per box (divides block)"
+    )
+    p_rep.add_argument("--seed", type=_nonnegative_int, default=0)
     p_rep.add_argument("--plot", metavar="FILE", help="save time/error plots (matplotlib)")
 
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.n, args.d, args.seed)
-    else:
-        report(args)
+        return 0
+    # Option errors that hold for every size: refuse before the first (possibly long) run.
+    if args.block & (args.block - 1):
+        p_rep.error(f"argument --block: must be a power of two, got {args.block}")
+    if args.block % args.basis:
+        p_rep.error(f"argument --basis: must divide --block {args.block}, got {args.basis}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        p_rep.error("argument --plot: needs matplotlib: python3 -m pip install matplotlib")
+    report(args)
     return 0
 
 

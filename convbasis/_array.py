@@ -9,7 +9,9 @@ every other backend runs the generic Array-API code here.  Every algorithm modul
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 
 import array_api_compat
 import scipy.fft
@@ -27,10 +29,14 @@ __all__ = [
     "contiguous",
     "exclusive_cumsum",
     "fast_length",
+    "index_add",
     "irfft",
+    "map_chunks",
     "namespace",
     "resolve_scale",
     "rfft",
+    "scan_blocks",
+    "single_threaded_blas",
     "sum_to_shape",
     "validate_attention_inputs",
     "validate_qk",
@@ -46,7 +52,12 @@ def namespace(*arrays):
         If the arrays come from different libraries or live on different devices, or if
         any is a Dask array: the algorithms call ``float()``/``bool()`` on reductions and
         loop over Python-level blocks, which Dask would compute eagerly, piece by piece;
-        :mod:`convbasis.dask` runs them chunk by chunk instead.
+        :mod:`convbasis.dask` runs them chunk by chunk instead.  Also if any is a torch
+        tensor with ``requires_grad=True`` while torch's grad mode is on: autograd would
+        record the library's internal operations, to which every value read back into a
+        Python number (a polynomial's radius, a recovered basis) is a constant, so
+        ``backward()`` could silently give wrong gradients; :mod:`convbasis.torch` wraps the
+        library's own gradients instead.
     """
     present = [a for a in arrays if a is not None]
     if any(array_api_compat.is_dask_array(a) for a in present):
@@ -54,6 +65,7 @@ def namespace(*arrays):
             "convbasis functions do not take dask arrays: use convbasis.dask.attention or "
             "convbasis.dask.attention_gradients (every method, one call per batch/head chunk)"
         )
+    _refuse_torch_autograd(present)
     try:
         xp = array_api_compat.array_namespace(*present)
     except TypeError as exc:
@@ -63,6 +75,29 @@ def namespace(*arrays):
     if len(devices) > 1:
         raise TypeError(f"all arrays must live on one device, got {sorted(devices)}")
     return xp
+
+
+def _refuse_torch_autograd(arrays):
+    """``TypeError`` for a torch tensor that autograd would track through the library.
+
+    Every function refuses, the dense oracles too (autograd through them would be right):
+    one rule is simpler to follow than a list of exceptions.  torch is only looked up, never
+    imported: a tensor exists only once torch is.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.is_grad_enabled():
+        return
+    if any(
+        array_api_compat.is_torch_array(a) and getattr(a, "requires_grad", False) for a in arrays
+    ):
+        raise TypeError(
+            "convbasis functions do not support torch autograd: a tensor has requires_grad=True "
+            "and backward() through the library's internal operations can give wrong "
+            "gradients. For gradients use convbasis.torch.attention(q, k, v, method=...), "
+            "whose backward is the library's own gradient; for values only pass "
+            "tensor.detach() or call under torch.no_grad(). Every convbasis function, the "
+            "dense reference included, refuses such tensors."
+        )
 
 
 def as_floating(xp, arrays, names):
@@ -255,3 +290,83 @@ def chunk_scan_map(xp, states, func, *arrays, reverse=False):
         return _numpy.chunk_scan_map(states, func, *arrays, reverse=reverse)
     s = states(*arrays)
     return func(*arrays, exclusive_cumsum(xp, s, axis=-3, reverse=reverse))
+
+
+def scan_blocks(xp, count, state, finish):
+    """``[finish(i, seen_i) for i in range(count)]`` and ``Σ_i state(i)``.
+
+    ``seen_i = Σ_{j<i} state(j)`` is ``None`` while no state has been added; ``state`` may
+    return ``None`` (no contribution), and either function may be ``None`` (no states: a map
+    over blocks; no outputs: a sum).  Other backends run the blocks in order; NumPy input
+    pipelines them over threads with BLAS held to one thread
+    (:func:`convbasis._numpy.scan_blocks`).
+    """
+    if array_api_compat.is_numpy_namespace(xp) and count > 1:
+        return _numpy.scan_blocks(count, state, finish)
+    seen, out = None, []
+    for i in range(count):
+        s = None if state is None else state(i)
+        out.append(None if finish is None else finish(i, seen))
+        seen = seen if s is None else s if seen is None else seen + s
+    return out, seen
+
+
+# Rows of the one-hot matrix per chunk of the generic index_add.
+_ONE_HOT_CHUNK = 1 << 22
+
+
+def index_add(xp, index, values, count):
+    """``out (count, ...)`` with ``out[index[i]] += values[i]``: a scatter-add along axis 0.
+
+    The Array API has no scatter, so each library's own is used (NumPy: sort and
+    ``add.reduceat``; torch ``index_add``; JAX ``.at[].add``; CuPy ``scatter_add``); any other
+    library gets chunks of a one-hot matrix product, exact but ``O(count · len(index))``.
+
+    Parameters
+    ----------
+    index : int array ``(P,)`` with entries in ``[0, count)``
+    values : array ``(P, ...)``
+    count : int
+    """
+    shape = (count, *values.shape[1:])
+    if array_api_compat.is_numpy_namespace(xp):
+        return _numpy.index_add(index, values, count)
+    if array_api_compat.is_torch_namespace(xp):
+        out = xp.zeros(shape, dtype=values.dtype, device=array_api_compat.device(values))
+        return out.index_add(0, index, values)
+    if array_api_compat.is_jax_namespace(xp):
+        return xp.zeros(shape, dtype=values.dtype).at[index].add(values)
+    if array_api_compat.is_cupy_namespace(xp):
+        import cupyx  # present wherever CuPy is
+
+        out = xp.zeros(shape, dtype=values.dtype)
+        cupyx.scatter_add(out, index, values)
+        return out
+    dev = array_api_compat.device(values)
+    flat = xp.reshape(values, (values.shape[0], math.prod(values.shape[1:])))
+    out = xp.zeros((count, flat.shape[1]), dtype=values.dtype, device=dev)
+    rows = xp.arange(count, device=dev)[:, None]
+    step = max(1, _ONE_HOT_CHUNK // max(count, 1))
+    for lo in range(0, flat.shape[0], step):
+        hi = min(lo + step, flat.shape[0])
+        hit = xp.astype(rows == index[None, lo:hi], values.dtype)
+        out = out + hit @ flat[lo:hi, :]
+    return xp.reshape(out, shape)
+
+
+def map_chunks(xp, func, ranges):
+    """``[func(lo, hi) for lo, hi in ranges]``; for NumPy the ranges run on a thread pool with
+    BLAS held to one thread (:func:`convbasis._numpy.map_chunks`), where many small stacked
+    products gain from threads over chunks and lose from BLAS's own."""
+    ranges = list(ranges)
+    if array_api_compat.is_numpy_namespace(xp):
+        return _numpy.map_chunks(func, ranges)
+    return [func(lo, hi) for lo, hi in ranges]
+
+
+def single_threaded_blas(xp):
+    """A context holding NumPy's BLAS to one thread (a no-op for other libraries): for code of
+    many small stacked products, which BLAS's threads slow down."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return _numpy._single_threaded_blas()
+    return contextlib.nullcontext()

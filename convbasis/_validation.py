@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import operator
 
-__all__ = ["check_integer"]
+__all__ = ["broadcast_shapes", "check_integer"]
 
 
 def check_integer(value, name, *, low=1, high=None, optional=False, what=None):
@@ -36,3 +36,19 @@ def check_integer(value, name, *, low=1, high=None, optional=False, what=None):
     if number < low or (high is not None and number > high):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return number
+
+
+def broadcast_shapes(*shapes):
+    """The broadcast of ``shapes`` (NumPy's rules) as a tuple; ``ValueError`` if none exists.
+
+    Plain Python, so every backend fails the same way: ``torch.broadcast_shapes`` raises
+    ``RuntimeError`` where NumPy raises ``ValueError``.
+    """
+    ndim = max((len(shape) for shape in shapes), default=0)
+    out = []
+    for axis in range(-ndim, 0):
+        sizes = {int(shape[axis]) for shape in shapes if len(shape) >= -axis} - {1}
+        if len(sizes) > 1:
+            raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)

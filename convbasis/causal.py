@@ -4,7 +4,7 @@
 ``i`` is ``U[i] · Σ_{j<=i} V[j]ᵀ Z[j]``.  The chunked form below splits the rows into chunks
 of ``c``; inside a chunk the small ``c × c`` masked block is multiplied directly, and the
 chunks before it enter through an exclusive prefix sum of the ``r × p`` chunk states
-``V_tᵀ Z_t`` (:func:`convbasis._array.chunk_scan_map`: one call over all chunks, or on NumPy
+``V_tᵀ Z_t`` (``convbasis._array.chunk_scan_map``: one call over all chunks, or on NumPy
 blocks of chunks pipelined over threads).
 
 Cost ``O(n c (r + p) + n r p)``; memory ``O(n c + n r p / c)`` beyond inputs and outputs (on

@@ -47,6 +47,7 @@ import array_api_compat
 from ._array import resolve_scale
 from .conv import conv_attention
 from .gradients import attention_gradients as _attention_gradients
+from .composite import composite_attention
 from .gradients import check_grad_out, check_gradient
 from .multipole import multipole_attention
 from .operators import check_method
@@ -60,10 +61,15 @@ _FORWARD = {
     "lowrank": lowrank_attention,
     "conv": conv_attention,
     "multipole": multipole_attention,
+    "composite": composite_attention,
 }
 
 # Methods whose queries and keys must be equally many in both directions.
-_SAME_LENGTH = {"conv": "the k-conv basis", "multipole": "multipole attention"}
+_SAME_LENGTH = {
+    "conv": "the k-conv basis",
+    "multipole": "multipole attention",
+    "composite": "composite attention",
+}
 
 
 def _dask_array():
@@ -223,11 +229,11 @@ def attention(q, k, v, /, *, method, causal=True, scale=None, **options):
     q, k : Dask arrays ``(..., n, d)`` and ``(..., m, d)``
     v : Dask array ``(..., m, e)``
         Equal leading shapes and leading chunks; the last two axes whole in every chunk
-        (module docstring).  ``m == n`` when ``causal`` and for ``"conv"``/``"multipole"``.
-    method : {"dense", "lowrank", "conv", "multipole"}
+        (module docstring).  ``m == n`` when ``causal`` and for ``"conv"``/``"multipole"``/``"composite"``.
+    method : {"dense", "lowrank", "conv", "multipole", "composite"}
         Each chunk goes to :func:`convbasis.attention` (``"dense"``, takes ``block=``),
-        :func:`convbasis.lowrank_attention`, :func:`convbasis.conv_attention` or
-        :func:`convbasis.multipole_attention`.
+        :func:`convbasis.lowrank_attention`, :func:`convbasis.conv_attention`,
+        :func:`convbasis.multipole_attention` or :func:`convbasis.composite_attention`.
     causal : bool
     scale : float, optional
         Default ``1/sqrt(d)``.
@@ -293,7 +299,7 @@ def attention_gradients(
         As in :func:`attention`.
     grad_out : Dask array ``(..., n, e)``
         ``∂L/∂O``, chunked like ``q``.
-    method : {"dense", "lowrank", "conv", "multipole"}
+    method : {"dense", "lowrank", "conv", "multipole", "composite"}
     gradient : {"exact-formula", "model"}
         The two meanings of :func:`convbasis.attention_gradients` (docs: "Fast gradients").
     causal : bool

@@ -38,6 +38,7 @@ _GRID = 4096  # fine-grid intervals for the measured error (plus 200 per degree)
 _COARSE = 256  # coarse pre-check: a grid maximum is a lower bound of the true maximum
 # Relative errors below this are lost in the float64 round-off of evaluating P(x) e^-x.
 _RESOLVABLE = 1e-14
+_MAX_RADIUS = 700  # e^700 is near the largest float64 (e^709.8)
 
 
 def _check_kind(kind):
@@ -195,8 +196,8 @@ def chebyshev_coefficients(degree, radius, /):
     """
     _check_degree(degree, "chebyshev")
     radius = _check_radius(radius)
-    if radius > 700:
-        raise ValueError(f"radius must be at most 700 (e^radius overflows), got {radius}")
+    if radius > _MAX_RADIUS:
+        raise ValueError(f"radius must be at most {_MAX_RADIUS} (e^radius overflows), got {radius}")
     return _chebyshev_cached(degree, radius)
 
 
@@ -290,7 +291,9 @@ def exp_approximation_error(degree, radius, /, *, kind="chebyshev"):
 @lru_cache(maxsize=1024)
 def _degree_for_cached(eps, radius, kind):
     step = 2 if kind == "taylor" else 1
-    for degree in range(0, MAX_DEGREE + 1, step):
+    # Beyond _MAX_RADIUS e^R overflows float64: no degree can qualify (and Chebyshev refuses).
+    degrees = range(0, MAX_DEGREE + 1, step) if radius <= _MAX_RADIUS else ()
+    for degree in degrees:
         coeffs = exp_coefficients(degree, radius, kind=kind)
         if _measured_error(coeffs, radius, _COARSE) > eps:
             continue  # already fails on the coarse grid

@@ -17,6 +17,7 @@ import itertools
 from array_api_compat import device
 
 from ._array import check_last_dim, resolve_scale, sum_to_shape, validate_attention_inputs
+from ._capabilities import check_eager
 from .operators import attention_operator, check_options
 from .reference import SelfAttentionGradients, _validate_self_attention
 
@@ -39,7 +40,8 @@ def check_grad_out(q, v, grad_out):
     check_last_dim(grad_out, "grad_out", v.shape[-1], "the value dimension of v")
     if grad_out.shape[-2] != q.shape[-2]:
         raise ValueError(
-            f"grad_out must have as many rows as q ({q.shape[-2]}), got shape {grad_out.shape}"
+            f"grad_out must have as many rows as q ({q.shape[-2]}), "
+            f"got shape {tuple(grad_out.shape)}"
         )
 
 
@@ -112,11 +114,18 @@ def _multipole_model(xp, q, k, v, g, *, given, **options):
     return grads.dq, grads.dk, grads.dv
 
 
+def _composite_model(xp, q, k, v, g, *, given, **options):
+    from .composite.gradient import model_gradients
+
+    return model_gradients(xp, q, k, v, g, **options)
+
+
 def _dense_model(xp, q, k, v, g, *, given, **options):
     return _exact_formula(xp, q, k, v, g, method="dense", **options)
 
 
 _MODEL_GRADIENTS = {
+    "composite": _composite_model,
     "conv": _conv_model,
     "dense": _dense_model,
     "lowrank": _lowrank_model,
@@ -182,6 +191,7 @@ def attention_gradients(
     requested rank.  The model gradient of the conv basis differs from the exact gradient even
     then: the model's logits depend on ``K`` only through the keys at the segment starts.
     """
+    check_eager("attention_gradients", q, k, v, grad_out, method=method)
     given = (q, k)
     xp, q, k, v, g = validate_attention_inputs(
         q, k, v, causal=causal, extra=(grad_out,), extra_names=("grad_out",)
@@ -233,6 +243,7 @@ def self_attention_gradients(
             "exact-formula gradient); for the model's own gradient use "
             "attention_gradients(q, k, v, grad_out, gradient='model') and the chain rule"
         )
+    check_eager("self_attention_gradients", x, w_q, w_k, w_v, grad_out, method=method)
     xp, x, w_q, w_k, w_v, g = _validate_self_attention(x, w_q, w_k, w_v, grad_out)
     s = resolve_scale(scale, w_q.shape[-1])
     mT = xp.matrix_transpose

@@ -16,7 +16,14 @@ from array_api_compat import device
 
 from ._array import check_integer
 
-__all__ = ["feature_weights", "features", "features_backward", "layout", "rank_for"]
+__all__ = [
+    "feature_weights",
+    "features",
+    "features_backward",
+    "layout",
+    "monomial_blocks",
+    "rank_for",
+]
 
 
 def rank_for(d, degree, /):
@@ -68,16 +75,28 @@ def feature_weights(coeffs, d):
     return left, right
 
 
-def _monomial_blocks(xp, x, degree):
-    """Unweighted monomial blocks ``[x^α]_{|α| = t}`` for ``t = 0 … degree``."""
-    d = x.shape[-1]
+def _take(x, start, stop, axis):
+    return x[..., start:stop] if axis == -1 else x[..., start:stop, :]
+
+
+def monomial_blocks(xp, x, degree, *, axis=-1):
+    """Unweighted monomial blocks ``[x^α]_{|α| = t}`` for ``t = 0 … degree``.
+
+    The ``d`` coordinates lie along ``axis``: ``-1`` for rows ``x (..., n, d)``, giving
+    blocks ``(..., n, C(d+t-1, t))``; ``-2`` for the transposed ``x (..., d, n)``, giving
+    ``(..., C(d+t-1, t), n)``, whose products run over long contiguous rows.  Block ``t`` is
+    ``concat_j x_j · B_{t-1}[:P_j]``, one product per coordinate (:func:`layout`).
+    """
+    d = x.shape[axis]
     prefixes, _ = layout(d, degree)
-    blocks = [xp.ones((*x.shape[:-1], 1), dtype=x.dtype, device=device(x))]
+    shape = (*x.shape[:-1], 1) if axis == -1 else (*x.shape[:-2], 1, x.shape[-1])
+    blocks = [xp.ones(shape, dtype=x.dtype, device=device(x))]
     prev = x
     for t in range(1, degree + 1):
         if t > 1:
             prev = xp.concat(
-                [x[..., j : j + 1] * prev[..., : prefixes[t][j]] for j in range(d)], axis=-1
+                [_take(x, j, j + 1, axis) * _take(prev, 0, prefixes[t][j], axis) for j in range(d)],
+                axis=axis,
             )
         blocks.append(prev)
     return blocks
@@ -91,7 +110,7 @@ def features(xp, x, degree, weights):
     Built degree by degree (each monomial is a lower-degree one times one coordinate):
     ``O(n r)`` time and memory.
     """
-    blocks = _monomial_blocks(xp, x, degree)
+    blocks = monomial_blocks(xp, x, degree)
     feats = blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=-1)
     return feats * weights
 
@@ -106,7 +125,7 @@ def features_backward(xp, x, degree, weights, grad):
     """
     d = x.shape[-1]
     prefixes, _ = layout(d, degree)
-    blocks = _monomial_blocks(xp, x, degree)
+    blocks = monomial_blocks(xp, x, degree)
     grad = grad * weights
     edges = [0]
     for b in blocks:

@@ -10,8 +10,9 @@ through four products (docs/math.rst §3):
 
 and every operator has ``shape == to_dense().shape == (*batch, n, m)``.  Gradients are written
 once against this protocol.  Implementations: dense (this module, from the reference oracle),
-low-rank (:mod:`convbasis.polynomial`), k-conv basis (:mod:`convbasis.conv`) and Fast Multipole
-Attention (:mod:`convbasis.multipole`).  A new structure plugs in by implementing ``matmul`` and
+low-rank (:mod:`convbasis.polynomial`), k-conv basis (:mod:`convbasis.conv`), Fast Multipole
+Attention (:mod:`convbasis.multipole`) and composite attention
+(:mod:`convbasis.composite`).  A new structure plugs in by implementing ``matmul`` and
 ``rmatmul`` (the Hadamard products follow from them through :func:`hadamard_product`) and
 registering a constructor in :data:`METHODS`.
 """
@@ -34,6 +35,8 @@ from ._array import (
     resolve_scale,
     validate_qk,
 )
+from ._capabilities import check_eager
+from ._validation import broadcast_shapes
 
 __all__ = [
     "METHODS",
@@ -84,17 +87,17 @@ def check_operands(owner, operands, *, rows, batch, hadamard=False):
         if a.shape[-2] != rows[name]:
             raise ValueError(
                 f"{name} must have {rows[name]} rows (..., {rows[name]}, p) like the operator, "
-                f"got shape {a.shape}"
+                f"got shape {tuple(a.shape)}"
             )
     if hadamard:
         check_last_dim(operands["y"], "y", operands["g"].shape[-1], "the width of g")
     try:
-        xp.broadcast_shapes(tuple(batch), *(a.shape[:-2] for a in arrays))
+        broadcast_shapes(tuple(batch), *(a.shape[:-2] for a in arrays))
     except ValueError:
         raise ValueError(
             f"leading (batch/head) axes of {', '.join(names)} must broadcast against the "
             f"operator's {tuple(batch)}, got "
-            + ", ".join(f"{name} {a.shape}" for name, a in zip(names, arrays, strict=True))
+            + ", ".join(f"{name} {tuple(a.shape)}" for name, a in zip(names, arrays, strict=True))
         ) from None
     arrays = as_floating(xp, arrays, names)
     dtype = xp.result_type(owner, *arrays)
@@ -231,9 +234,16 @@ class _Lazy:
 _lowrank = _Lazy(".polynomial", "lowrank_operator")
 _conv = _Lazy(".conv", "conv_operator")
 _multipole = _Lazy(".multipole", "multipole_operator")
+_composite = _Lazy(".composite", "composite_operator")
 
 
-METHODS = {"dense": dense_operator, "lowrank": _lowrank, "conv": _conv, "multipole": _multipole}
+METHODS = {
+    "dense": dense_operator,
+    "lowrank": _lowrank,
+    "conv": _conv,
+    "multipole": _multipole,
+    "composite": _composite,
+}
 """Operator constructors by method name; each takes ``(q, k, /, *, causal, scale, ...)``."""
 
 
@@ -269,12 +279,14 @@ def attention_operator(q, k, /, *, method="dense", causal=True, scale=None, **op
     Parameters
     ----------
     q, k : arrays ``(..., n, d)``
-    method : {"dense", "lowrank", "conv", "multipole"}
+    method : {"dense", "lowrank", "conv", "multipole", "composite"}
         ``"lowrank"`` takes the options of :func:`convbasis.polynomial.lowrank_operator`
         (``eps`` or ``degree``, ``kind``, ``max_rank``); ``"conv"`` those of
         :func:`convbasis.conv.conv_operator` (``rank``, ``probe``, ``delta``, ``tolerance``);
         ``"multipole"`` those of :func:`convbasis.multipole.multipole_operator` (``block``,
-        ``basis``, ``downsample``).
+        ``basis``, ``downsample``); ``"composite"`` those of
+        :func:`convbasis.composite.composite_operator` (``budget``, ``block``, ``sinks``,
+        ``heavy``).
     causal : bool
     scale : float, optional
 
@@ -283,4 +295,5 @@ def attention_operator(q, k, /, *, method="dense", causal=True, scale=None, **op
     AttentionOperator
     """
     check_options(method, options)
+    check_eager("attention_operator", q, k, method=method)
     return METHODS[method](q, k, causal=causal, scale=scale, **options)

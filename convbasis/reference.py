@@ -172,7 +172,8 @@ def attention_backward(q, k, v, grad_out, /, *, causal=True, scale=None, block=N
     check_last_dim(grad_out, "grad_out", v.shape[-1], "the value dimension of v")
     if grad_out.shape[-2] != q.shape[-2]:
         raise ValueError(
-            f"grad_out must have as many rows as q ({q.shape[-2]}), got shape {grad_out.shape}"
+            f"grad_out must have as many rows as q ({q.shape[-2]}), "
+            f"got shape {tuple(grad_out.shape)}"
         )
     scale = resolve_scale(scale, q.shape[-1])
     block = _check_block(block, q.shape[-2])
@@ -206,18 +207,19 @@ def _validate_self_attention(x, w_q, w_k, w_v, grad_out):
         if w.ndim < 2:
             raise ValueError(
                 f"{name} must have at least 2 dimensions (..., d_model, d_head), "
-                f"got shape {w.shape}"
+                f"got shape {tuple(w.shape)}"
             )
         if w.shape[-2] != x.shape[-1]:
             raise ValueError(
-                f"{name} must have {x.shape[-1]} rows (d_model of x), got shape {w.shape}"
+                f"{name} must have {x.shape[-1]} rows (d_model of x), got shape {tuple(w.shape)}"
             )
     check_last_dim(w_k, "w_k", w_q.shape[-1], "the head dimension of w_q")
     check_rows(grad_out, "grad_out")
     check_last_dim(grad_out, "grad_out", w_v.shape[-1], "the value dimension of w_v")
     if grad_out.shape[-2] != x.shape[-2]:
         raise ValueError(
-            f"grad_out must have as many rows as x ({x.shape[-2]}), got shape {grad_out.shape}"
+            f"grad_out must have as many rows as x ({x.shape[-2]}), "
+            f"got shape {tuple(grad_out.shape)}"
         )
     return (xp, *as_floating(xp, arrays, names))
 

@@ -161,3 +161,33 @@ def test_pipelined_blocks_match_dense(xp, rng, monkeypatch, threads, transpose, 
     golden = explicit(u, v, z, transpose, strict, "float64")
     reference = explicit(u, v, z, transpose, strict, dtype)
     assert_within_reference_error(out, golden, reference, factor=4)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_block_scan_sums_in_order_and_reraises(xp, monkeypatch, threads):
+    """``scan_blocks`` (NumPy: the thread pipeline) hands every block the sum of the states
+    before it, and an error in any block reaches the caller."""
+    import convbasis._numpy as numpy_backend
+    from convbasis._array import scan_blocks
+
+    monkeypatch.setattr(numpy_backend, "_THREADS", threads)
+    numpy_backend._thread_pool.cache_clear()
+    space = array_namespace(xp.asarray([0.0]))
+    try:
+        outs, total = scan_blocks(
+            space,
+            9,
+            lambda i: None if i == 4 else xp.asarray([float(i)]),
+            lambda i, seen: None if seen is None else float(seen[0]),
+        )
+        assert outs == [None, 0, 1, 3, 6, 6, 11, 17, 24]
+        assert float(total[0]) == 32
+
+        def fail(i, seen):
+            if i == 5:
+                raise RuntimeError("block 5")
+
+        with pytest.raises(RuntimeError, match="block 5"):
+            scan_blocks(space, 9, lambda i: xp.asarray([1.0]), fail)
+    finally:
+        numpy_backend._thread_pool.cache_clear()

@@ -43,6 +43,7 @@ FORWARD_OPTIONS = {
     "lowrank": {"eps": 0.1},  # degree 3, rank 165: cheap
     "conv": {"rank": 4},
     "multipole": {"block": 8, "basis": 2},
+    "composite": {"block": 4, "budget": 16},
 }
 GRADIENT_OPTIONS = {**FORWARD_OPTIONS, "dense": {}}  # the dense gradients take no options
 FORWARD = {
@@ -50,6 +51,7 @@ FORWARD = {
     "lowrank": cb.lowrank_attention,
     "conv": cb.conv_attention,
     "multipole": cb.multipole_attention,
+    "composite": cb.composite_attention,
 }
 # The bidirectional conv basis of a rotary instance is approximate (the transposed logits
 # have no few-segment structure): its warning is expected there.

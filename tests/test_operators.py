@@ -21,11 +21,19 @@ OPTIONS = {
     "lowrank": {"eps": 1e-2},
     "conv": {"rank": 64},
     "multipole": {"block": 4, "basis": 2},
+    "composite": {"block": 2},
 }
 
 
+def _options(method, n):
+    """``OPTIONS[method]``; composite's budget must lie in ``[1, n]``: 7 keys of ``n``."""
+    if method == "composite":
+        return {**OPTIONS[method], "budget": min(n, 7)}
+    return OPTIONS[method]
+
+
 def test_every_structure_is_registered():
-    assert set(METHODS) == {"dense", "lowrank", "conv", "multipole"}
+    assert set(METHODS) == {"dense", "lowrank", "conv", "multipole", "composite"}
 
 
 def _problem(rng, batch, n, d=3, s=2, p=3):
@@ -41,7 +49,7 @@ def _problem(rng, batch, n, d=3, s=2, p=3):
 @pytest.mark.parametrize(("batch", "n"), [((), 1), ((), 2), ((2,), 13), ((2, 1), 17)])
 def test_four_products_match_the_dense_matrix(xp, rng, method, causal, dtype, batch, n):
     q, k, g, y, z = (xp.asarray(a.astype(dtype)) for a in _problem(rng, batch, n))
-    op = attention_operator(q, k, method=method, causal=causal, **OPTIONS[method])
+    op = attention_operator(q, k, method=method, causal=causal, **_options(method, n))
     assert isinstance(op, AttentionOperator)
     f = to_numpy(op.to_dense()).astype(np.float64)
     assert tuple(op.shape) == f.shape == (*batch, n, n)
@@ -65,7 +73,7 @@ def test_four_products_match_the_dense_matrix(xp, rng, method, causal, dtype, ba
 @pytest.mark.parametrize("method", list(OPTIONS))
 def test_products_reject_operands_of_the_wrong_length(xp, rng, method):
     q, k, g, y, z = (xp.asarray(a) for a in _problem(rng, (), 8))
-    op = attention_operator(q, k, method=method, **OPTIONS[method])
+    op = attention_operator(q, k, method=method, **_options(method, 8))
     short = xp.asarray(rng.standard_normal((7, 3)))
     for call in (
         lambda: op.matmul(short),
@@ -101,7 +109,7 @@ def test_hadamard_product_groups_columns(monkeypatch, rng):
 
 def test_unknown_method_lists_the_registered_ones(rng):
     q = rng.standard_normal((5, 2))
-    valid = r"valid methods: \['conv', 'dense', 'lowrank', 'multipole'\]"
+    valid = r"valid methods: \['composite', 'conv', 'dense', 'lowrank', 'multipole'\]"
     with pytest.raises(ValueError, match=valid):
         attention_operator(q, q, method="sparse")
     with pytest.raises(ValueError, match="unknown attention method"):
@@ -166,7 +174,7 @@ def test_products_on_structured_operators(xp, rng, dtype):
 @pytest.mark.parametrize("method", list(OPTIONS))
 def test_operands_broadcast_against_the_operator_batch(xp, rng, method):
     q, k = (xp.asarray(rng.uniform(-1, 1, (2, 1, 9, 3))) for _ in range(2))
-    op = attention_operator(q, k, method=method, **OPTIONS[method])
+    op = attention_operator(q, k, method=method, **_options(method, 9))
     g, y, z = (rng.standard_normal((1, 3, 9, 2)) for _ in range(3))
     f = to_numpy(op.to_dense()).astype(np.float64)
     h = f * (g @ np.swapaxes(y, -1, -2))
@@ -184,7 +192,7 @@ def test_exact_formula_is_the_formula_on_each_operator(xp, rng, causal):
     f̃ (docs/math.rst §3), also where f̃ is not row-stochastic."""
     from convbasis.gradients import attention_gradients
 
-    cases = [(m, o) for m, o in OPTIONS.items()]
+    cases = [(m, _options(m, 13)) for m in OPTIONS]
     cases.append(("multipole", {"block": 4, "basis": 2, "downsample": "kernels"}))
     for method, options in cases:
         q, k, v, g = (rng.standard_normal((13, 3)) for _ in range(4))

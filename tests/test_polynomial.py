@@ -258,6 +258,7 @@ def test_attention_within_bound(xp, rng, causal, kind, dtype, d, radius, eps):
 def test_attention_many_blocks_and_broadcast(xp, rng, monkeypatch, causal):
     # a tiny block budget forces the streaming path over many row blocks and chunks
     monkeypatch.setattr(poly, "_BLOCK_ENTRIES", 2000)
+    monkeypatch.setattr(poly, "_DIAGONAL_ROWS", 7)
     n, d = 300, 2
     q = rng.uniform(-1, 1, (2, 1, n, d))
     k = rng.uniform(-1, 1, (1, 3, n, d))
@@ -266,6 +267,45 @@ def test_attention_many_blocks_and_broadcast(xp, rng, monkeypatch, causal):
         xp, q, k, v, causal=causal, eps=1e-6, kind="chebyshev", scale=0.7, dtype="float64"
     )
     assert err <= 1e-5
+
+
+def _attention_from_factors(q, k, v, *, causal, **options):
+    """``D̃⁻¹ Ã V`` written out from :func:`lowrank_factors` in float64: the same polynomial
+    as :func:`lowrank_attention`, without its blocks, groups and diagonal logits."""
+    f = lowrank_factors(q, k, **options)
+    a = f.u @ np.swapaxes(f.v, -1, -2)
+    if causal:
+        a = np.tril(a)
+    return (a @ v) / a.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    ("degree", "kind"),
+    [(0, "taylor"), (1, "chebyshev"), (2, "taylor"), (3, "chebyshev"), (5, "chebyshev")],
+)
+@pytest.mark.parametrize("threads", [2, 3])
+def test_streamed_attention_matches_factors(xp, rng, monkeypatch, causal, degree, kind, threads):
+    """Every degree path (no top groups below degree 2), many blocks (NumPy: pipelined over
+    ``threads``), diagonal blocks split, broadcast batch axes, a short last block."""
+    import convbasis._numpy as numpy_backend
+
+    monkeypatch.setattr(numpy_backend, "_THREADS", threads)
+    numpy_backend._thread_pool.cache_clear()
+    monkeypatch.setattr(poly, "_MAX_BLOCK_ROWS", 24)
+    monkeypatch.setattr(poly, "_DIAGONAL_ROWS", 10)
+    n, d = 101, 3
+    q = rng.uniform(-1, 1, (2, 1, n, d))
+    k = rng.uniform(-1, 1, (1, 3, n, d))
+    v = rng.standard_normal((3, n, 2))
+    options = {"degree": degree, "kind": kind, "scale": 0.3}
+    try:
+        out = lowrank_attention(*(xp.asarray(a) for a in (q, k, v)), causal=causal, **options)
+    finally:
+        numpy_backend._thread_pool.cache_clear()
+    expected = _attention_from_factors(q, k, v, causal=causal, **options)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(to_numpy(out), expected, rtol=1e-11, atol=1e-13)
 
 
 def test_attention_rectangular_bidirectional(xp, rng):
@@ -409,3 +449,55 @@ def test_overflow_refused_before_allocation(xp):
     finally:
         tracemalloc.stop()
     assert peak < 4 * big.nbytes  # row norms only, never an n × r factor
+
+
+def test_default_rank_cap_refuses_before_allocation(xp, rng):
+    """Gaussian (64, 64) q, k at eps = 1e-3 need rank 3.2e23 (an earlier default allocated
+    until the process was killed at 19.4 GB): the default cap refuses on the numbers alone."""
+    q, k = (xp.asarray(rng.standard_normal((64, 64))) for _ in range(2))
+    v = xp.asarray(rng.standard_normal((64, 4)))
+    calls = [
+        lambda: lowrank_attention(q, k, v, eps=1e-3),
+        lambda: lowrank_attention(q, k, v, eps=1e-3, causal=False),
+        lambda: lowrank_factors(q, k, eps=1e-3),
+        lambda: lowrank_operator(q, k, eps=1e-3),
+    ]
+    for call in calls:
+        tracemalloc.start()
+        try:
+            with pytest.raises(
+                ValueError,
+                match=r"would need rank \d{20,} = C\(d\+g, g\).*"
+                r"bytes for batch 1 \* 64 rows.*default max_rank=",
+            ):
+                call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2**20
+
+
+def test_default_rank_cap_follows_the_budget(xp, rng, monkeypatch):
+    # rank C(3 + 4, 4) = 35: 2·100·35·8 bytes of features for a batch of 2 and n = 100
+    q, k = (rng.uniform(-1, 1, (2, 100, 3)) for _ in range(2))
+    v = rng.standard_normal((2, 100, 2))
+    args = [xp.asarray(a) for a in (q, k, v)]
+    allowed = lowrank_attention(*args, degree=4)
+    monkeypatch.setattr(poly, "FEATURE_MEMORY_BUDGET", 2 * 100 * 34 * 8)
+    with pytest.raises(ValueError, match=r"need rank 35 .*above the default max_rank=34 "):
+        lowrank_attention(*args, degree=4)
+    with pytest.raises(ValueError, match=r"above the default max_rank=34 "):
+        lowrank_factors(*args[:2], degree=4)
+    # an explicit cap overrides the budget
+    assert_close(lowrank_attention(*args, degree=4, max_rank=35), to_numpy(allowed), xp=xp)
+
+
+def test_state_weights_that_would_overflow_are_refused(xp):
+    # float32, Taylor degree 40, d = 2, R = 90: n Σ R^t / t! ≈ 1e31 passes the feature check,
+    # but a state weight (t choose α) R^t / t! reaches 2.6e41
+    q = np.zeros((4, 2), dtype=np.float32)
+    q[:, 0] = math.sqrt(90.0)
+    with pytest.raises(ValueError, match=r"too large for \S*float32 states of degree 40"):
+        lowrank_attention(
+            xp.asarray(q), xp.asarray(q), xp.asarray(q), degree=40, kind="taylor", scale=1.0
+        )

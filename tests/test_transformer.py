@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 
+import array_api_compat
 import numpy as np
 import pytest
 
@@ -42,6 +43,7 @@ def _params(
         norm=norm,
         activation=activation,
         dtype=dt,
+        device=array_api_compat.device(xp.asarray([0.0])),  # the fixture's device
         seed=seed,
     )
     if rng is None:
@@ -205,7 +207,8 @@ def test_lowrank_error_within_bound(xp, rng, record_property, causal):
 # conv rank 4 on a random model is an approximation by design (ConvBasisWarning expected)
 @pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
 @pytest.mark.parametrize(
-    "method", ["dense", "lowrank", pytest.param("conv", marks=needs_conv), "multipole"]
+    "method",
+    ["dense", "lowrank", pytest.param("conv", marks=needs_conv), "multipole", "composite"],
 )
 def test_one_gradient_step_lowers_loss(xp, rng, method):
     params, x, loss = _problem(xp, rng, n=20, layers=2)
@@ -214,6 +217,7 @@ def test_one_gradient_step_lowers_loss(xp, rng, method):
         "conv": {"rank": 4},
         "dense": {},
         "multipole": {"block": 4, "basis": 2},
+        "composite": {"block": 2, "budget": 8},
     }[method]
     grads = T.loss_and_gradients(params, x, loss, attention=method, **options)
     lr = 1e-2
@@ -230,6 +234,7 @@ MODEL_OPTIONS = {
     "lowrank": {"eps": 1e-3},
     "conv": {"rank": 3, "delta": 1e-2},
     "multipole": {"block": 2, "basis": 1},
+    "composite": {"block": 1, "budget": 4},
 }
 
 
@@ -344,3 +349,28 @@ def test_cross_entropy_rejects_labels_outside_the_vocabulary(xp, rng):
     for bad in ([0, 7], [-1, 3]):
         with pytest.raises(ValueError, match=r"labels must lie in \[0, vocab = 7\)"):
             T.cross_entropy_loss(w_vocab, xp.asarray(bad))
+
+
+def test_init_params_on_a_device(rng):
+    """Every parameter lives on the device asked for, in the dtype asked for."""
+    xs = pytest.importorskip("array_api_strict")
+    dev = xs.Device("device1")
+    params = T.init_params(6, layers=2, heads=2, xp=xs, norm="layer", device=dev)
+    leaves = params.leaves().values()
+    assert {a.device for a in leaves} == {dev} and {a.dtype for a in leaves} == {xs.float64}
+    host = T.init_params(6, layers=2, heads=2, xp=np, norm="layer")
+    for a, b in zip(leaves, host.leaves().values(), strict=True):
+        assert_close(xs.asarray(a, device=xs.Device("CPU_DEVICE")), b)
+    x = xs.asarray(rng.standard_normal((5, 6)), device=dev)
+    out, _ = T.forward(params, x)
+    assert out.device == dev
+    f32 = T.init_params(6, layers=1, heads=2, xp=xs, dtype=xs.float32, device=dev)
+    assert {a.dtype for a in f32.leaves().values()} == {xs.float32}
+
+
+def test_x_and_params_must_share_a_dtype(xp, rng):
+    """torch's matmul does not promote float32 against float64: one rule on every backend."""
+    params = _params(xp, dtype="f4")
+    x = xp.asarray(rng.standard_normal((5, 6)))
+    with pytest.raises(TypeError, match=r"x and every parameter must share one floating dtype"):
+        T.forward(params, x)

@@ -1,8 +1,9 @@
 """Prefix products against the unmasked low-rank product on the same arrays.
 
-Target (issue 2): n = 65536, r = p = 64, float32, NumPy: ``masked_lowrank_matmul`` at most
-2.5x the time of ``u @ (v.T @ z)`` and peak memory at most 4x the inputs; the same for
-``transpose=True``.  The ``track_*`` ratios are taken within one run.
+Targets at n = 65536, r = p = 64, float32, NumPy: ``masked_lowrank_matmul`` at most 1.5x
+the time of ``u @ (v.T @ z)`` (issue 16; issue 2 asked for 2.5x) and peak traced memory at
+most 2x the bytes of the inputs and the output (issue 16); the same for ``transpose=True``.
+The ``track_*`` ratios are taken within one run.
 
 OpenBLAS keeps an idle worker thread spinning on a core for about 0.1 s after every
 multi-threaded call, so a masked product started right after the unmasked one shares the
@@ -60,13 +61,13 @@ class MaskedLowRank:
         return min(slow) / min(fast)
 
     def track_time_ratio_to_unmasked(self, backend, n, rank):
-        """``masked_lowrank_matmul`` time over ``u @ (v.T @ z)`` time (target <= 2.5)."""
+        """``masked_lowrank_matmul`` time over ``u @ (v.T @ z)`` time (target <= 1.5)."""
         return self._ratio(transpose=False)
 
     track_time_ratio_to_unmasked.unit = "ratio"
 
     def track_time_ratio_transpose_to_unmasked(self, backend, n, rank):
-        """The ``transpose=True`` product's time over ``u @ (v.T @ z)`` time (target <= 2.5)."""
+        """The ``transpose=True`` product's time over ``u @ (v.T @ z)`` time (target <= 1.5)."""
         return self._ratio(transpose=True)
 
     track_time_ratio_transpose_to_unmasked.unit = "ratio"
@@ -89,22 +90,29 @@ class MaskedLowRankMemory:
     def setup(self, n, rank):
         self.u, self.v, self.z = (uniform((n, rank), seed=s) for s in range(3))
 
-    def _peak_ratio(self, transpose):
-        inputs = self.u.nbytes + self.v.nbytes + self.z.nbytes
+    def _peak_ratio(self, transpose, output):
+        data = self.u.nbytes + self.v.nbytes + self.z.nbytes + (self.z.nbytes if output else 0)
         peak = traced_peak(
             lambda: masked_lowrank_matmul(self.u, self.v, self.z, transpose=transpose)
         )
-        return peak / inputs
+        return peak / data
 
     def track_peak_ratio_to_inputs(self, n, rank):
         """Peak traced allocation of the call (output included) over u, v, z bytes (<= 4)."""
-        return self._peak_ratio(transpose=False)
+        return self._peak_ratio(transpose=False, output=False)
 
     track_peak_ratio_to_inputs.unit = "ratio"
 
+    def track_peak_ratio_to_inputs_and_output(self, n, rank):
+        """Peak traced allocation of the call over the bytes of u, v, z and the output
+        (target <= 2)."""
+        return self._peak_ratio(transpose=False, output=True)
+
+    track_peak_ratio_to_inputs_and_output.unit = "ratio"
+
     def track_peak_ratio_transpose_to_inputs(self, n, rank):
         """As ``track_peak_ratio_to_inputs`` for ``transpose=True``."""
-        return self._peak_ratio(transpose=True)
+        return self._peak_ratio(transpose=True, output=False)
 
     track_peak_ratio_transpose_to_inputs.unit = "ratio"
 

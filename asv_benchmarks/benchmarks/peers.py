@@ -8,11 +8,16 @@ backward compares ``attention_gradients`` (both meanings of the gradient, docs: 
 gradients") with torch autograd through SDPA (forward and backward).
 
 Inputs per method, causal, float32: dense and conv at d = 64 (conv: an exact 16-segment rotary
-instance, rank 16), multipole at d = 64 (block 64, basis 4), polynomial at d = 8 with bounded
-entries (eps 1e-3, scale 1/8).  The suite skips without torch (``pip install torch`` in the
-bench environment; on these machines ``pip install torch==2.13.0`` takes the CPU build).
+instance, rank 16), multipole at d = 64 (block 64, basis 4), polynomial at d = 8 (issue 16's
+case: uniform entries with the rows rescaled so that ``R = s max‖q‖ max‖k‖ = 2`` at the
+default scale ``1/√8``, where eps 1e-3 needs degree 7, rank 6435).  ``PolynomialPeer`` times
+the polynomial method at n = 2^16 and 2^17 (target: at least 2x faster than SDPA at 2^17) and
+records the rate of its useful arithmetic.  The suite skips without torch
+(``pip install torch`` in the bench environment; on these machines
+``pip install torch==2.13.0`` takes the CPU build).
 
-``python -m benchmarks.peers [n ...]`` (from ``asv_benchmarks/``) prints the figures.
+``python -m benchmarks.peers [n ...]`` (from ``asv_benchmarks/``) prints the figures;
+``python -m benchmarks.peers polynomial [n ...]`` the polynomial ones (default 2^16, 2^17).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .common import best_time
 
 D = 64
 LOWRANK_D = 8
+LOWRANK_RADIUS = 2.0
 SEGMENTS = 16
 
 
@@ -49,6 +55,9 @@ def inputs(method, n, seed=0):
         q, k, v, _ = rotary_conv_instance(rng, n, D, starts)
     elif method == "lowrank":
         q, k, v = rng.uniform(-1, 1, (3, n, LOWRANK_D))
+        # max‖q‖ = max‖k‖ = (R √d)^½, so that R = max‖q‖ max‖k‖ / √d is LOWRANK_RADIUS
+        size = np.sqrt(LOWRANK_RADIUS * np.sqrt(LOWRANK_D))
+        q, k = (a * (size / np.linalg.norm(a, axis=-1).max()) for a in (q, k))
     else:
         q, k, v = rng.standard_normal((3, n, D))
     g = rng.standard_normal(v.shape)
@@ -59,7 +68,7 @@ OPTIONS = {
     "dense": {},
     "conv": {"rank": SEGMENTS},
     "multipole": {"block": 64, "basis": 4},
-    "lowrank": {"eps": 1e-3, "scale": 1 / LOWRANK_D},
+    "lowrank": {"eps": 1e-3},
 }
 
 
@@ -94,7 +103,15 @@ def sdpa(torch, q, k, v, *, scale, grad=None):
 
 
 def _scale(method):
-    return OPTIONS[method].get("scale", 1 / np.sqrt(LOWRANK_D if method == "lowrank" else D))
+    return 1 / np.sqrt(LOWRANK_D if method == "lowrank" else D)
+
+
+def lowrank_flops(q, k, v):
+    """Useful arithmetic of polynomial attention: the two products with the thin factors,
+    ``ψ(K)ᵀ [V, 1]`` and ``φ(Q) S``, ``4 n r (e + 1)`` flops (``r`` as the method picks it)."""
+    norms = [float(np.linalg.norm(a.astype(np.float64), axis=-1).max()) for a in (q, k)]
+    degree = cb.degree_for(OPTIONS["lowrank"]["eps"], _scale("lowrank") * norms[0] * norms[1])
+    return 4 * q.shape[-2] * cb.rank_for(q.shape[-1], degree) * (v.shape[-1] + 1)
 
 
 class PeerForward:
@@ -124,6 +141,48 @@ class PeerForward:
         out = np.asarray(forward(method, *self.arrays[:3]), dtype=np.float64)
         ref = sdpa(self.torch, *self.arrays[:3], scale=_scale(method)).numpy()[0, 0]
         return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+class PolynomialPeer:
+    """Polynomial attention (rank 6435) against SDPA at the issue's sizes, interleaved in one
+    run (target: ``SDPA / method >= 2`` at n = 2^17)."""
+
+    params = [2**16, 2**17]
+    param_names = ["n"]
+    timeout = 900
+    number = 1
+    repeat = (1, 3, 60.0)
+    warmup_time = 0.0
+
+    def setup(self, n):
+        self.torch = _torch()
+        self.arrays = inputs("lowrank", n)[:3]
+
+    def _pair(self):
+        return _interleaved(
+            lambda: forward("lowrank", *self.arrays),
+            lambda: sdpa(self.torch, *self.arrays, scale=_scale("lowrank")),
+        )
+
+    def time_method(self, n):
+        forward("lowrank", *self.arrays)
+
+    def peakmem_method(self, n):
+        forward("lowrank", *self.arrays)
+
+    def track_speedup_over_sdpa(self, n):
+        """SDPA time over polynomial time, best of two interleaved rounds (target >= 2 at 2^17)."""
+        ours, theirs = self._pair()
+        return theirs / ours
+
+    track_speedup_over_sdpa.unit = "x"
+
+    def track_gflops(self, n):
+        """Useful arithmetic (``4 n r (e + 1)`` flops) per second of the polynomial method."""
+        seconds = best_time(lambda: forward("lowrank", *self.arrays), repeat=2)
+        return lowrank_flops(*self.arrays) / seconds / 1e9
+
+    track_gflops.unit = "GFLOP/s"
 
 
 class PeerBackward:
@@ -195,6 +254,29 @@ def measure(sizes=(2**12, 2**14), backward_sizes=(2**12,)):
                 )
 
 
+def measure_polynomial(sizes=(2**16, 2**17), rounds=3):
+    """Print polynomial and SDPA times (interleaved, best of ``rounds``), ratio and GFLOP/s."""
+    torch = _torch()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; causal, float32")
+    for n in sizes:
+        q, k, v, _ = inputs("lowrank", n)
+        ours, theirs = _interleaved(
+            lambda q=q, k=k, v=v: forward("lowrank", q, k, v),
+            lambda q=q, k=k, v=v: sdpa(torch, q, k, v, scale=_scale("lowrank")),
+            rounds=rounds,
+        )
+        flops = lowrank_flops(q, k, v)
+        print(
+            f"polynomial n={n:>7} d={LOWRANK_D}: {ours:7.3f} s ({flops / ours / 1e9:5.1f} "
+            f"GFLOP/s of {flops / 1e9:.1f} GFLOP)   SDPA {theirs:7.3f} s   "
+            f"SDPA/method {theirs / ours:5.2f}x",
+            flush=True,
+        )
+
+
 if __name__ == "__main__":
-    sizes = tuple(int(a) for a in sys.argv[1:]) or (2**12, 2**14)
-    measure(sizes)
+    args = sys.argv[1:]
+    if args[:1] == ["polynomial"]:
+        measure_polynomial(tuple(int(a) for a in args[1:]) or (2**16, 2**17))
+    else:
+        measure(tuple(int(a) for a in args) or (2**12, 2**14))

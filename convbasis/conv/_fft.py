@@ -33,6 +33,25 @@ def segment_plan(starts, n, stops=None):
     )
 
 
+def spectrum(xp, x, size):
+    """``rfft`` of ``x`` zero-padded to ``size`` along the last axis.
+
+    Empty input (an empty batch, no columns) gives the empty spectrum without a transform:
+    torch's MKL FFT raises on zero-size tensors.
+    """
+    if math.prod(x.shape) == 0:
+        dtype = xp.result_type(x.dtype, xp.complex64)
+        return xp.zeros((*x.shape[:-1], size // 2 + 1), dtype=dtype, device=device(x))
+    return rfft(x, size, -1, xp)
+
+
+def signal(xp, f, size):
+    """``irfft`` of the spectrum ``f`` to length ``size`` (empty ``f``: no transform)."""
+    if math.prod(f.shape) == 0:
+        return xp.zeros((*f.shape[:-1], size), dtype=xp.real(f).dtype, device=device(f))
+    return irfft(f, size, -1, xp)
+
+
 def _is_direct(start, stop):
     return stop - start <= _DIRECT_SEGMENT
 
@@ -41,7 +60,7 @@ def segment_spectra(xp, columns, plan):
     """``rfft(c_i[: m_i], N_i)`` for every FFT segment, each ``(..., 1, N_i // 2 + 1)``;
     ``None`` for the short segments that are evaluated directly."""
     return tuple(
-        None if _is_direct(s, e) else rfft(columns[..., i : i + 1, :m], size, -1, xp)
+        None if _is_direct(s, e) else spectrum(xp, columns[..., i : i + 1, :m], size)
         for i, (s, e, m, size) in enumerate(plan)
     )
 
@@ -64,12 +83,12 @@ def _filter(xp, spec, x, size):
     """``irfft(spec · rfft(x, size), size)``.  The product goes into ``rfft``'s own output
     when broadcasting does not grow it: one large temporary less per segment (fresh pages
     cost more than the multiply itself)."""
-    f = rfft(x, size, -1, xp)
+    f = spectrum(xp, x, size)
     if f.dtype == spec.dtype and f.shape == xp.broadcast_shapes(f.shape, spec.shape):
         f *= spec
     else:
         f = f * spec
-    return irfft(f, size, -1, xp)
+    return signal(xp, f, size)
 
 
 def _direct_conv(xp, c, zt):

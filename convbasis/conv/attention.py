@@ -24,6 +24,7 @@ from .._array import (
     validate_attention_inputs,
     validate_qk,
 )
+from .._capabilities import check_eager
 from ..operators import check_operands, hadamard_product
 from ._fft import c_product, segment_index, valid_mask
 from .basis import ConvBasis, _masked_max
@@ -297,6 +298,7 @@ def conv_operator(q, k, /, *, rank, causal=True, probe=1, delta=None, scale=None
     ConvAttentionOperator
         Recovery ``O(rank (n d + T d log n))`` plus one FFT product ``O(rank n log n)``.
     """
+    check_eager("conv_operator", q, k)
     xp, q, k = validate_qk(q, k, causal=causal, same_length="the k-conv basis")
     tol = _tolerance(xp, q.dtype, tolerance)
     op, _ = _build(xp, q, k, rank, causal, probe, delta, scale, tol)
@@ -337,6 +339,7 @@ def conv_attention(
         ``O(rank (n (d + e) log n))`` time, ``O(n (e + rank))`` memory beyond the inputs,
         plus ``O(n (d + e))`` per recomputed row.
     """
+    check_eager("conv_attention", q, k)
     # recovery in the precision that q, k carry
     xp, q, k = validate_qk(q, k, causal=causal, same_length="the k-conv basis")
     _, _, _, v = validate_attention_inputs(q, k, v, causal=False)  # v in the common dtype

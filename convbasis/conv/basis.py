@@ -25,6 +25,8 @@ from .._array import (
     fast_length,
     namespace,
 )
+from .._capabilities import check_eager
+from .._validation import broadcast_shapes
 from ._fft import (
     segment_index,
     segment_matmul,
@@ -82,7 +84,7 @@ class ConvBasis:
         if self.vectors.ndim < 2 or self.vectors.shape[-2:] != (len(self.starts), self.n):
             raise ValueError(
                 f"vectors must have shape (..., k, n) = (..., {len(self.starts)}, {self.n}), "
-                f"got {self.vectors.shape}"
+                f"got {tuple(self.vectors.shape)}"
             )
 
     @property
@@ -174,7 +176,7 @@ def _product_operands(basis, z):
     xp = namespace(basis.vectors, z)
     check_rows(z, "z")
     if z.shape[-2] != basis.n:
-        raise ValueError(f"z must have shape (..., n, p) with n = {basis.n}, got {z.shape}")
+        raise ValueError(f"z must have shape (..., n, p) with n = {basis.n}, got {tuple(z.shape)}")
     (z,) = as_floating(xp, (z,), ("z",))
     if z.dtype == basis.vectors.dtype:
         return xp, z, basis.vectors, basis.spectra
@@ -193,21 +195,23 @@ def _masked_max(xp, c, keep):
 def _single(a, z, m):
     xp = namespace(a, z)
     if a.ndim < 1:
-        raise ValueError(f"a must have shape (..., n), got {a.shape}")
+        raise ValueError(f"a must have shape (..., n), got {tuple(a.shape)}")
     check_rows(z, "z")
     a, z = as_floating(xp, (a, z), ("a", "z"))
     n = a.shape[-1]
     if z.shape[-2] != n:
-        raise ValueError(f"z must have shape (..., n, p) with n = {n} (len(a)), got {z.shape}")
+        raise ValueError(
+            f"z must have shape (..., n, p) with n = {n} (len(a)), got {tuple(z.shape)}"
+        )
     if n == 0:
         raise ValueError("a must be non-empty (n >= 1)")
     m = n if m is None else m
     m = check_integer(m, "m", high=n, what=f"n = {n}")
     try:
-        xp.broadcast_shapes(a.shape[:-1], z.shape[:-2])
+        broadcast_shapes(a.shape[:-1], z.shape[:-2])
     except ValueError:
         raise ValueError(
-            f"leading (batch) axes of a {a.shape} and z {z.shape} must broadcast"
+            f"leading (batch) axes of a {tuple(a.shape)} and z {tuple(z.shape)} must broadcast"
         ) from None
     plan = ((n - m, n, m, fast_length(2 * m - 1)),)
     columns = a[..., None, :]
@@ -249,7 +253,7 @@ def conv_rmatmul(a, z, /, *, m=None):
 def _check_square(h):
     xp = namespace(h)
     if h.ndim < 2 or h.shape[-1] != h.shape[-2] or h.shape[-1] == 0:
-        raise ValueError(f"h must have shape (..., n, n) with n >= 1, got {h.shape}")
+        raise ValueError(f"h must have shape (..., n, n) with n >= 1, got {tuple(h.shape)}")
     (h,) = as_floating(xp, (h,), ("h",))
     return xp, h
 
@@ -290,6 +294,7 @@ def decompose_conv_basis(h, /):
     ValueError
         If ``h`` is not square or has non-zeros above the diagonal.
     """
+    check_eager("decompose_conv_basis", h)
     xp, h = _check_square(h)
     n = h.shape[-1]
     i = xp.arange(n, device=device(h))
@@ -335,6 +340,7 @@ def fit_conv_basis(h, k, /):
     ConvBasis
         ``O(n²)`` time and memory (plus a sort of ``n`` numbers).
     """
+    check_eager("fit_conv_basis", h)
     xp, h = _check_square(h)
     k = check_integer(k, "k")
     n = h.shape[-1]

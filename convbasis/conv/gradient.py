@@ -24,8 +24,8 @@ from __future__ import annotations
 import array_api_extra as xpx
 from array_api_compat import device
 
-from .._array import fast_length, irfft, rfft
-from ._fft import _DIRECT_SEGMENT
+from .._array import fast_length
+from ._fft import _DIRECT_SEGMENT, signal, spectrum
 from .attention import conv_operator
 
 __all__ = ["model_gradients"]
@@ -49,10 +49,10 @@ def _correlation(xp, a, b, start, stop):
             out = row if out is None else out + row
         return out
     size = fast_length(m + width - 1)
-    spectrum = rfft(a[..., :, start:], size, -1, xp) * xp.conj(
-        rfft(b[..., :, start:stop], size, -1, xp)
+    product = spectrum(xp, a[..., :, start:], size) * xp.conj(
+        spectrum(xp, b[..., :, start:stop], size)
     )
-    return irfft(xp.sum(spectrum, axis=-2), size, -1, xp)[..., :m]
+    return signal(xp, xp.sum(product, axis=-2), size)[..., :m]
 
 
 def _window_sums(xp, total, start, stop, *, upper):

@@ -12,6 +12,7 @@ from .._array import (
     resolve_scale,
     validate_qk,
 )
+from .._capabilities import check_eager
 from .basis import ConvBasis
 
 __all__ = ["recover_conv_basis"]
@@ -145,6 +146,7 @@ def recover_conv_basis(q, k, /, *, rank, probe=1, delta=None, eps=0.0, scale=Non
     ConvBasis, or a tuple of two when ``causal=False``
         ``O(rank (n d + T d log n))`` time, ``O(rank · n)`` memory.
     """
+    check_eager("recover_conv_basis", q, k)
     xp, q, k = validate_qk(q, k, causal=causal, same_length="the k-conv basis")
     rank, probe, delta, eps, scale = _recovery_options(xp, q, k, rank, probe, delta, eps, scale)
     n = q.shape[-2]

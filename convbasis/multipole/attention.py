@@ -170,13 +170,6 @@ class MultipoleAttentionOperator:
     def _setup(self, z, name):
         xp, (z,) = check_operands(self.q, {name: z}, rows={name: self.n}, batch=self.shape[:-2])
         geo = geometry(self.n, self.block, self.basis, self.causal)
-        try:
-            xp.broadcast_shapes(self.q.shape[:-2], z.shape[:-2])
-        except ValueError:
-            raise ValueError(
-                f"{name} leading axes must broadcast against {self.q.shape[:-2]}, "
-                f"got shape {z.shape}"
-            ) from None
         (zp,) = broadcast_and_pad(xp, geo, (z,))
         q, k, lse = self.q, self.k, self.lse
         if q.dtype != zp.dtype:

@@ -125,7 +125,7 @@ def prepare(arrays, names, *, block, basis, causal, downsample):
         if a.shape[-2] != n:
             raise ValueError(
                 f"{name} must have as many rows as q ({n}); multipole attention needs queries "
-                f"and keys on one grid, got shape {a.shape}"
+                f"and keys on one grid, got shape {tuple(a.shape)}"
             )
     check_last_dim(arrays[1], names[1], d, "the head dimension of q")
     if len(arrays) == 4:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._array import namespace, sum_to_shape
+from .._capabilities import check_eager
 from ..gradients import attention_gradients, check_gradient
 from ..reference import attention_backward as dense_attention_backward
 from .activations import ACTIVATIONS
@@ -152,6 +153,7 @@ def gradient_errors(approx, exact, /):
     dict
         ``{"layers": [float per layer], "x": float}``.
     """
+    check_eager("transformer.gradient_errors", approx.x, exact.x)
     xp = namespace(exact.x)
 
     def rel(a, b):

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import array_api_extra as xpx
+from array_api_compat import device
 
 from .._array import namespace, sum_to_shape
+from .._capabilities import traced
 
 __all__ = ["CrossEntropyLoss", "cross_entropy_loss", "squared_error_loss"]
 
@@ -57,7 +59,13 @@ class CrossEntropyLoss:
         shifted = logits - xp.max(logits, axis=-1, keepdims=True)
         e = xp.exp(shifted)
         total = xp.sum(e, axis=-1, keepdims=True)
-        onehot = xpx.one_hot(self.labels, self.w_vocab.shape[-1], dtype=logits.dtype, xp=xp)
+        vocab = self.w_vocab.shape[-1]
+        onehot = xpx.one_hot(self.labels, vocab, dtype=logits.dtype, xp=xp)
+        # Only traced labels get past cross_entropy_loss's range check: outside [0, vocab)
+        # they give NaN, not a one-hot row of zeros (a finite, wrong loss).
+        inside = (self.labels >= 0) & (self.labels < vocab)
+        nan = xp.asarray(xp.nan, dtype=logits.dtype, device=device(logits))
+        onehot = xp.where(inside[..., None], onehot, nan)
         tokens = math.prod(self.labels.shape)
         picked = xp.sum(onehot * (shifted - xp.log(total)), axis=-1)
         value = -_sum_all(picked) / tokens
@@ -81,13 +89,16 @@ def cross_entropy_loss(w_vocab, labels, /):
     ----------
     w_vocab : array ``(d_model, vocab)``
     labels : integer array ``(..., n)``
+        Values in ``[0, vocab)``, checked here; under JAX tracing they cannot be read, and a
+        label outside the range makes the loss and its gradient NaN.
     """
     xp = namespace(w_vocab, labels)
     if w_vocab.ndim != 2:
-        raise ValueError(f"w_vocab must have shape (d_model, vocab), got {w_vocab.shape}")
+        raise ValueError(f"w_vocab must have shape (d_model, vocab), got {tuple(w_vocab.shape)}")
     if not xp.isdtype(labels.dtype, "integral"):
         raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
     vocab = w_vocab.shape[-1]
-    if math.prod(labels.shape) and not (int(xp.min(labels)) >= 0 and int(xp.max(labels)) < vocab):
-        raise ValueError(f"labels must lie in [0, vocab = {vocab}), got values outside")
+    if math.prod(labels.shape) and not traced(labels):
+        if not (int(xp.min(labels)) >= 0 and int(xp.max(labels)) < vocab):
+            raise ValueError(f"labels must lie in [0, vocab = {vocab}), got values outside")
     return CrossEntropyLoss(w_vocab, labels)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._array import as_floating, check_last_dim, check_rows, namespace
+from .._capabilities import check_eager
 from ..operators import attention_operator, check_method
 from ..reference import attention as dense_attention
 from .activations import ACTIVATIONS
@@ -98,6 +99,13 @@ def _validate_input(params, x, attention):
     check_rows(x, "x")
     check_last_dim(x, "x", params.d_model, "d_model of params")
     (x,) = as_floating(xp, (x,), ("x",))
+    # One dtype throughout: torch's matmul does not promote float32 against float64.
+    dtypes = {str(a.dtype) for a in (x, *params.leaves().values())}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"x and every parameter must share one floating dtype, got {sorted(dtypes)}: "
+            "cast x with xp.astype, or the parameters with params.map"
+        )
     return xp, x
 
 
@@ -140,6 +148,8 @@ def forward(params, x, /, *, causal=True, attention="dense", scale=None, **optio
     """
     xp, x = _validate_input(params, x, attention)
     _check_options(attention, options)
+    leaves = params.leaves().values()
+    check_eager("transformer.forward", x, *leaves, method=attention, option="attention")
     act = ACTIVATIONS[params.activation]
     caches = []
     for p in params.layers:

@@ -120,6 +120,7 @@ def init_params(
     norm="none",
     activation="gelu",
     dtype=None,
+    device=None,
     seed=0,
 ):
     """Random parameters (Gaussian, variance ``1/fan_in``; gains 1, biases 0).
@@ -138,7 +139,9 @@ def init_params(
     norm, activation : str
         See :data:`NORMS` and :data:`ACTIVATIONS`.
     dtype : floating dtype of ``xp``, optional
-        Default: the namespace's default floating dtype (``float64`` for NumPy).
+        Default: the namespace's default floating dtype on ``device`` (``float64`` for NumPy).
+    device : device of ``xp``, optional
+        Where every array goes (e.g. ``"cuda"`` for torch); default: the namespace's default.
     seed : int
 
     Returns
@@ -154,16 +157,17 @@ def init_params(
     )
     d_head = check_integer(max(d_model // heads, 1) if d_head is None else d_head, "d_head")
     d_ff = check_integer(4 * d_model if d_ff is None else d_ff, "d_ff")
-    dtype = xpx.default_dtype(xp) if dtype is None else dtype
+    dtype = xpx.default_dtype(xp, device=device) if dtype is None else dtype
     gen = random.Random(seed)
 
     def normal(shape, fan_in):
         size = math.prod(shape)
         sd = 1.0 / math.sqrt(fan_in)
-        return xp.reshape(xp.asarray([gen.gauss(0.0, sd) for _ in range(size)], dtype=dtype), shape)
+        values = [gen.gauss(0.0, sd) for _ in range(size)]
+        return xp.reshape(xp.asarray(values, dtype=dtype, device=device), shape)
 
     def const(value):
-        return xp.full((d_model,), value, dtype=dtype)
+        return xp.full((d_model,), value, dtype=dtype, device=device)
 
     out = []
     for _ in range(layers):

@@ -61,6 +61,7 @@ MODES = (("causal", True), ("bidirectional", False))
 CONV_RANKS = (4, 8, 16, 32, 64, 128, 256, 512)
 CONV_FLOAT64_RANKS = (512,)  # also run on float64 copies of the heads (recovery's threshold)
 MULTIPOLE = ((8, 2), (16, 4), (32, 8), (64, 16), (128, 32), (256, 64))
+COMPOSITE_BUDGETS = (24, 40, 64, 104, 160, 256)  # block 8 (the default at n = 512)
 POLY_EPS = (0.5, 0.1, 0.01, 0.001)
 DEGREE_CAP = MAX_DEGREE  # convbasis.degree_for searches degrees up to this
 POLY_MAX_RANK = 20000  # refused above this (the run would allocate n × rank features)
@@ -69,7 +70,7 @@ DELTAS = (1.0, 3.0, 10.0)  # larger recovery thresholds, at DELTA_RANK, causal
 DELTA_RANK = 64
 # Budgets whose per-layer medians the page shows.
 REPRESENTATIVE = (("conv", "rank 16"), ("conv", "rank 64"), ("multipole", "m 16, p 4"))
-REPRESENTATIVE += (("multipole", "m 64, p 16"),)
+REPRESENTATIVE += (("multipole", "m 64, p 16"), ("composite", "budget 104"))
 TAYLOR_DIMS = (4, 5, 6, 7, 8, 9, 10, 11)
 TAYLOR_SEEDS = range(20)
 TAYLOR_CHECKED_SEEDS = 3  # seeds on which the library is compared with the formula itself
@@ -167,6 +168,19 @@ def work_multipole(n, block, basis, causal, d, e):
     return 2.0 * evaluations * (d + e) + geo.levels * geo.padded * (d + e)
 
 
+def work_composite(op, d, e):
+    """Flops of :func:`convbasis.composite_attention` as the library runs it, from the
+    operator's shapes: every exact slot of the padded length ``N`` (masked and unused ones
+    included) and every far-field token, each a logit and a value product; each centre logit
+    plus the centre-weighted sums of ``[K, 1]`` and ``V``; one dot product per block score."""
+    lay = op.layout
+    exact = lay.padded * op.exact.shape[-1] * 2.0 * (d + e)
+    tokens = lay.padded * lay.tokens * 2.0 * (d + e)
+    centres = float(op.counts[2]) * 2.0 * (2 * d + e + 1)
+    scores = float(op.counts[3]) * 2.0 * d
+    return exact + tokens + centres + scores
+
+
 def work_lowrank(n, rank, e):
     """A lower bound of the flops of :func:`convbasis.lowrank_attention` at ``rank``: the
     features (one multiply per entry of ``φ(Q)`` and ``ψ(K)``) and the two products with
@@ -257,6 +271,24 @@ def run_multipole(h, exact, causal, block, basis):
     errors = head_errors(np.asarray(out, dtype=np.float64), exact)
     work = work_multipole(n, block, basis, causal, d, e) / work_dense(n, d, e, causal)
     return errors, work, {}
+
+
+def run_composite(h, exact, causal, budget):
+    """All 72 heads in one batched call (each head selects its own blocks and columns)."""
+    n, d, e = h.n, h.d_head, h.v.shape[-1]
+    out, report = cb.composite_attention(
+        h.q, h.k, h.v, causal=causal, budget=budget, return_report=True
+    )
+    errors = head_errors(np.asarray(out, dtype=np.float64), exact)
+    op = cb.composite_operator(h.q, h.k, causal=causal, budget=budget)
+    work = work_composite(op, d, e) / work_dense(n, d, e, causal)
+    ratio = np.asarray(report.error_estimates) / errors
+    extra = {
+        "exact fraction": report.exact_fraction,
+        "work fraction (logits)": report.work_fraction,
+        "estimate within 2x (share of heads)": float(np.mean((ratio >= 0.5) & (ratio <= 2))),
+    }
+    return errors, work, extra
 
 
 _RANK = re.compile(r"rank (\d+) = C\(d\+g, g\) with d=(\d+), g=(\d+) .*R=([0-9.e+]+)")
@@ -402,6 +434,7 @@ def pretrained_part():
         exact_by_mode[mode] = exact
         runs = [("conv", f"rank {r}", run_conv, (r,)) for r in CONV_RANKS]
         runs += [("multipole", f"m {m}, p {p}", run_multipole, (m, p)) for m, p in MULTIPOLE]
+        runs += [("composite", f"budget {b}", run_composite, (b,)) for b in COMPOSITE_BUDGETS]
         runs += [
             ("conv, float64 inputs", f"rank {r}", run_conv, (r, np.float64))
             for r in CONV_FLOAT64_RANKS
@@ -487,10 +520,11 @@ def plot(results, poly, path, n, d):
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
-    colours = {"conv": "tab:blue", "multipole": "tab:orange"}
+    colours = {"conv": "tab:blue", "multipole": "tab:orange", "composite": "tab:red"}
     labels = {
         "conv": "conv basis (rank 4 ... 512)",
         "multipole": "multipole (m 8 ... 256, p = m/4)",
+        "composite": "composite (budget 24 ... 256)",
     }
     for ax, (mode, _) in zip(axes, MODES, strict=True):
         for method, colour in colours.items():
@@ -613,7 +647,8 @@ def taylor_part():
 
 def write_csv(rows, path, digits=4):
     with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        names = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
         for row in rows:
             writer.writerow(

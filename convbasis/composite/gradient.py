@@ -1,0 +1,198 @@
+"""The exact gradient of composite attention's own forward (docs/math.rst §7, §8).
+
+With ``P`` the softmax weights of a row over its exact keys and tokens, ``δ = rowsum(G ∘ O)``
+and ``dS = P ∘ (G·v − δ)`` (``v`` a key's value or a token's ``ṽ``), the exact part is the
+dense formula on the exact keys.  A token ``τ`` of query block ``I`` enters through
+``L_τ = log Σ_{j∈τ} e^{s c·k_j}``, its mean key ``k̃`` and mean value ``ṽ`` (weights
+``α_j = e^{s c·k_j}/Z``) and the centre ``c``.  With ``a = Σ_i dS_iτ``,
+``b = s Σ_i dS_iτ (q_i − c)``, ``g = Σ_i P_iτ G_i`` and ``β_j = k_j·b + v_j·g − (k̃·b + ṽ·g)``:
+
+* ``dq_i += s Σ_τ dS_iτ k̃_τ``;
+* ``dk_j += α_j (b + s c (a + β_j))`` for each key ``j`` of ``τ``;
+* ``dc = s Σ_{j∈τ} α_j k_j β_j`` (the ``s a k̃`` terms of ``L`` and of the linear logit cancel),
+  spread equally over the queries whose mean ``c`` is;
+* ``dV = fᵀ G``.
+
+Tokens of the query blocks under one box share ``c`` and the box's keys, so each sum over a
+token is the box's sum with the children's ``b/Z, g/Z, a/Z, κ/Z`` added up, less the
+dropped sub-blocks of each child: ``O(N (d + e))`` per level plus ``O(n x b (d + e))``.
+The selection of exact blocks and heavy columns is piecewise constant: no gradient.
+"""
+
+from __future__ import annotations
+
+from array_api_compat import device
+
+from .._array import index_add, single_threaded_blas
+from .far_field import gather_boxes, one_hot, per_token, token_sums
+from .layout import as_blocks, block_chunks, scatter_blocks, take_rows
+from .operator import build, exact_rows
+
+__all__ = ["model_gradients"]
+
+
+def model_gradients(xp, q, k, v, g, *, causal, scale, **options):
+    """``(dq, dk, dv)`` of ``L(composite_attention(q, k, v))`` for ``grad_out = g``.
+
+    Arrays as validated by :func:`convbasis.attention_gradients`; ``options`` those of
+    :func:`~convbasis.composite.composite_operator`.  Results have the broadcast batch shape.
+    """
+    with single_threaded_blas(xp):
+        return _gradients(xp, q, k, v, g, causal=causal, scale=scale, **options)
+
+
+def _gradients(xp, q, k, v, g, *, causal, scale, **options):
+    op, out = build(xp, q, k, v, causal=causal, scale=scale, **_defaults(options))
+    lay, s = op.layout, op.scale
+    flat = [op.flatten(xp, x) for x in (q, k, v, g)]
+    qf, kf, vf, gf = flat
+    qb, gb = as_blocks(xp, lay, qf), as_blocks(xp, lay, gf)
+    out = as_blocks(xp, lay, op.flatten(xp, out))
+    delta = xp.sum(gb * out, axis=-1)[..., None]  # (B, nb, b, 1)
+    dk = xp.zeros(kf.shape, dtype=kf.dtype, device=device(kf))
+
+    # Exact keys: the dense formula on each query block's gathered keys.
+    parts = []
+    for lo, hi in block_chunks(lay, op.ids.shape[-1] * (q.shape[-1] + v.shape[-1])):
+        keys, values = exact_rows(xp, op, kf, lo, hi), exact_rows(xp, op, vf, lo, hi)
+        p = op.exact[:, lo:hi, ...]
+        ds = p * (gb[:, lo:hi, ...] @ xp.matrix_transpose(values) - delta[:, lo:hi, ...])
+        parts.append(s * (ds @ keys))
+        dk = dk + _scatter_exact(xp, op, lo, hi, s * (xp.matrix_transpose(ds) @ qb[:, lo:hi, ...]))
+    dq = xp.concat(parts, axis=1)
+
+    if lay.tokens:
+        d = q.shape[-1]
+        sums, _ = token_sums(xp, lay, op.far, xp.concat([kf, vf], axis=-1))
+        mass = op.token_mass[..., None]
+        mean_key, mean_value = sums[..., :d] / mass, sums[..., d:] / mass
+        _, centre = per_token(xp, lay, op.far, qf)
+        p = op.far_weights * op.token_mass[:, :, None, :]  # (B, nb, b, T)
+        ds = p * (gb @ xp.matrix_transpose(mean_value) - delta)
+        dq = dq + s * (ds @ mean_key)
+        a = xp.sum(ds, axis=-2)  # (B, nb, T)
+        b = s * (xp.matrix_transpose(ds) @ qb - a[..., None] * centre)
+        gv = xp.matrix_transpose(p) @ gb  # (B, nb, T, e)
+        kappa = xp.sum(mean_key * b, axis=-1) + xp.sum(mean_value * gv, axis=-1)
+        # per unit of the token's (shifted) centre weights
+        coef = [x / op.token_mass[..., None] for x in (b, gv, a[..., None], kappa[..., None])]
+        dk_far, dc = _token_backward(xp, op, kf, vf, *coef)
+        dk = dk + dk_far
+        dq = dq + _centre_to_queries(xp, op, dc)
+    dv = op.flatten(xp, op.rmatmul(g))
+    dq = xp.reshape(dq, qf.shape)
+    return tuple(op.unflatten(xp, x) for x in (dq, dk, dv))
+
+
+def _defaults(options):
+    return {"budget": None, "block": None, "sinks": 0, "heavy": None} | options
+
+
+def _scatter_exact(xp, op, lo, hi, contrib):
+    """Key-row gradient ``(B, N, d)`` from ``contrib (B, c, E + h, d)`` of the exact keys."""
+    lay, width = op.layout, op.width
+    blocks = xp.reshape(
+        contrib[..., :width, :],
+        (*contrib.shape[:2], op.ids.shape[-1], lay.block, contrib.shape[-1]),
+    )
+    out = xp.reshape(
+        scatter_blocks(xp, lay, op.ids[:, lo:hi, ...], blocks), (blocks.shape[0], lay.padded, -1)
+    )
+    if op.heavy is not None:
+        bt, h = op.heavy.shape
+        per = xp.sum(contrib[..., width:, :], axis=1)  # (B, h, d)
+        offset = xp.reshape(xp.arange(bt, device=device(per)) * lay.padded, (bt, 1))
+        add = index_add(
+            xp, xp.reshape(op.heavy + offset, (-1,)), xp.reshape(per, (bt * h, -1)), bt * lay.padded
+        )
+        out = out + xp.reshape(add, out.shape)
+    return out
+
+
+def _token_backward(xp, op, kf, vf, b, gv, a, kappa):
+    """Key gradients ``(B, N, d)`` and centre gradients (per level ``(B, boxes, d)``) of the
+    tokens, from per-token coefficients already divided by the token mass."""
+    lay, far, s = op.layout, op.far, op.scale
+    bt, d = kf.shape[0], kf.shape[-1]
+    dev = device(kf)
+    dk = xp.zeros(kf.shape, dtype=kf.dtype, device=dev)
+    dc = []
+    for i, (level, w, box, c) in enumerate(
+        zip(lay.levels, far.weights, far.boxes, far.centres, strict=True)
+    ):
+        width = lay.block << (level - 1)
+        count = lay.padded // width
+        part = slice(i * lay.slots, (i + 1) * lay.slots)
+
+        bs, gs, as_, ks = (_per_box(xp, x, part, count, lay.slots) for x in (b, gv, a, kappa))
+        keys, values = gather_boxes(xp, kf, box, width), gather_boxes(xp, vf, box, width)
+        beta = (
+            xp.squeeze(keys @ bs[..., None], axis=-1)
+            + xp.squeeze(values @ gs[..., None], axis=-1)
+            - ks
+        )  # (B, boxes, slots, w)
+        cb = c[:, :, None, None, :]
+        grad = w[..., None] * (bs[:, :, :, None, :] + s * cb * (as_[..., None] + beta[..., None]))
+        offset = xp.reshape(xp.arange(bt, device=dev) * count, (bt, 1, 1))
+        target = xp.reshape(box[None, ...] + offset, (-1,))
+        summed = index_add(xp, target, xp.reshape(grad, (-1, width, d)), bt * count)
+        dk = dk + xp.reshape(summed, kf.shape)
+        dc.append(s * xp.sum(xp.sum((w * beta)[..., None] * keys, axis=-2), axis=-2))
+    # The dropped sub-blocks of each query block: their share, subtracted.
+    band = len(lay.band)
+    ids = op.ids[..., band:]
+    hot = one_hot(xp, lay, far, kf.dtype)  # (B, nb, x, T)
+    bx, gx, ax, kx = (hot @ x for x in (b, gv, a, kappa))  # (B, nb, x, ·)
+    _, centre = per_token(xp, lay, far, kf)
+    cx = hot @ centre  # (B, nb, x, d)
+    weights = _dropped_weights(xp, op)  # (B, nb, x, bl)
+    keys = take_rows(xp, as_blocks(xp, lay, kf), ids)  # (B, nb, x, bl, d)
+    values = take_rows(xp, as_blocks(xp, lay, vf), ids)
+    beta = (
+        xp.squeeze(keys @ bx[..., None], axis=-1) + xp.squeeze(values @ gx[..., None], axis=-1) - kx
+    )  # (B, nb, x, bl)
+    grad = weights[..., None] * (
+        bx[..., None, :] + s * cx[..., None, :] * (ax[..., None] + beta[..., None])
+    )
+    dk = dk - xp.reshape(scatter_blocks(xp, lay, ids, grad), kf.shape)
+    drop_dc = s * xp.sum((weights * beta)[..., None] * keys, axis=-2)  # (B, nb, x, d)
+    drop_dc = xp.matrix_transpose(hot) @ drop_dc  # (B, nb, T, d)
+    for i, level in enumerate(lay.levels):
+        children = 1 << (level - 1)
+        x = drop_dc[:, :, i * lay.slots : (i + 1) * lay.slots, :]
+        x = xp.sum(xp.reshape(x, (bt, lay.blocks // children, children * lay.slots, d)), axis=2)
+        dc[i] = dc[i] - x
+    return dk, dc
+
+
+def _per_box(xp, x, part, count, slots):
+    """``(B, nb, T, ·)`` → the level's slots, summed over each box's children: ``(B, boxes,
+    slots, ·)``."""
+    x = x[:, :, part, :]
+    children = x.shape[1] // count
+    return xp.sum(xp.reshape(x, (x.shape[0], count, children, slots, x.shape[-1])), axis=2)
+
+
+def _dropped_weights(xp, op):
+    """Centre weights ``(B, nb, x, b)`` of each query block's dropped sub-blocks."""
+    lay, far = op.layout, op.far
+    bt = far.token.shape[0]
+    subs = [xp.reshape(w, (bt, lay.blocks * lay.slots, lay.block)) for w in far.weights]
+    return take_rows(xp, xp.concat(subs, axis=1), far.sub)
+
+
+def _centre_to_queries(xp, op, dc):
+    """Spread each box centre's gradient equally over the box's valid queries: ``(B, nb, b, d)``."""
+    lay = op.layout
+    bt, d = dc[0].shape[0], dc[0].shape[-1]
+    dev = device(dc[0])
+    valid = xp.astype(xp.arange(lay.padded, device=dev) < lay.n, dc[0].dtype)
+    out = 0
+    for level, x in zip(lay.levels, dc, strict=True):
+        width = lay.block << (level - 1)
+        count = lay.padded // width
+        filled = xp.sum(xp.reshape(valid, (count, width)), axis=-1)
+        x = x / xp.reshape(xp.where(filled > 0, filled, 1), (count, 1))
+        rows = xp.broadcast_to(x[:, :, None, :], (bt, count, width, d))
+        out = out + xp.reshape(rows, (bt, lay.padded, d)) * valid[:, None]
+    return xp.reshape(out, (bt, lay.blocks, lay.block, d))

@@ -1,0 +1,310 @@
+"""Where composite attention is exact and where it is summarised (docs/math.rst §8).
+
+The padded sequence is cut into ``nb = 2^J`` blocks of ``b`` rows.  Query block ``I`` sees
+
+* its **band**, blocks ``I − 1, I`` (and ``I + 1`` without the causal mask), exactly;
+* its **sinks**, the first ``h`` key blocks, exactly;
+* its **top blocks**, the ``t`` far key blocks of highest block-level score, exactly;
+* every other allowed key through **far-field tokens**: the FMM interaction lists of
+  docs/math.rst §6 with the finest boxes one block wide — at level ``ℓ = 1 … J − 1`` the query
+  box ``a = I >> (ℓ − 1)`` (width ``w = b 2^{ℓ−1}``) sees key boxes ``a − 2`` (even ``a``) or
+  ``a − 2, a − 3`` (odd ``a``), and without the mask also ``a + 2`` and ``a + 3`` / ``a + 2``.
+  Together with the band these lists cover every key exactly once, so the exact blocks outside
+  the band each lie in exactly one token of ``I``, which drops them (:func:`far_positions`).
+
+Everything here is integer bookkeeping on ``(nb,)``-sized index arrays and the block scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import array_api_extra as xpx
+from array_api_compat import device
+
+from .._array import index_add
+
+__all__ = [
+    "Layout",
+    "as_blocks",
+    "block_chunks",
+    "block_scores",
+    "exact_mask",
+    "far_positions",
+    "layout",
+    "level_boxes",
+    "pad",
+    "scatter_blocks",
+    "score_count",
+    "select_blocks",
+    "take_rows",
+    "top_indices",
+    "valid_rows",
+]
+
+# Entries of one chunk of the (query block × key block) score matrix.
+_SCORE_CHUNK = 1 << 21
+# Entries of one chunk of gathered exact keys or operands, ``(B, chunk, E·b, p)``.
+_ROW_CHUNK = 1 << 21
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Block geometry: ``n`` rows padded to ``padded = blocks · block``, ``blocks = 2^J``."""
+
+    n: int
+    block: int
+    blocks: int
+    causal: bool
+
+    @property
+    def padded(self):
+        return self.blocks * self.block
+
+    @property
+    def levels(self):
+        """Far-field levels ``1 … J − 1`` (none when ``blocks <= 2``)."""
+        return range(1, max(int(math.log2(self.blocks)), 1))
+
+    @property
+    def slots(self):
+        """Key boxes per query box and level: 2 with the causal mask, 3 without."""
+        return 2 if self.causal else 3
+
+    @property
+    def tokens(self):
+        """Far-field tokens per query block: ``slots`` per level."""
+        return self.slots * len(self.levels)
+
+    @property
+    def band(self):
+        """Offsets of the band blocks."""
+        return (-1, 0) if self.causal else (-1, 0, 1)
+
+    def offsets(self, parity):
+        """Key-box offsets of each slot for a query box of this parity (``None``: unused)."""
+        if self.causal:
+            return (-2, -3) if parity else (-2, None)
+        return (-2, 2, -3) if parity else (-2, 2, 3)
+
+
+def layout(n, block, causal):
+    """The :class:`Layout` of ``n`` rows in blocks of ``block`` (``blocks`` a power of two)."""
+    blocks = 1 << max(math.ceil(math.log2(math.ceil(n / block))), 0)
+    return Layout(n=n, block=block, blocks=blocks, causal=causal)
+
+
+def level_boxes(xp, lay, level, dev):
+    """Key box of every (query box, slot) at ``level``: ``(boxes, slots)`` ints and validity."""
+    boxes = lay.blocks >> (level - 1)
+    index, ok = [], []
+    for a in range(boxes):
+        offs = lay.offsets(a % 2)
+        row = [None if o is None or not 0 <= a + o < boxes else a + o for o in offs]
+        index.append([0 if b is None else b for b in row])
+        ok.append([b is not None for b in row])
+    return xp.asarray(index, device=dev), xp.asarray(ok, device=dev)
+
+
+def select_blocks(xp, lay, scores, sinks, top):
+    """The exact key blocks of every query block: band, sinks, then the ``top`` best scored.
+
+    Parameters
+    ----------
+    scores : array ``(B, nb, nb)`` or callable
+        Block-level scores of (query block, key block); a callable ``(lo, hi) -> (B, hi−lo,
+        nb)`` computes them in chunks of query blocks, so the ``nb × nb`` matrix never exists.
+    sinks, top : int
+
+    Returns
+    -------
+    ids, ok : arrays ``(B, nb, E)``
+        Key block of each exact slot (clipped into range) and whether the slot is used;
+        ``E = len(band) + sinks + top``, the band first.
+    """
+    nb = lay.blocks
+    chunks = []
+    step = max(1, _SCORE_CHUNK // max(nb, 1))
+    for lo in range(0, nb, step):
+        hi = min(lo + step, nb)
+        s = scores(lo, hi)
+        dev = device(s)
+        query = xp.arange(lo, hi, device=dev)[:, None]
+        key = xp.arange(nb, device=dev)[None, :]
+        far = (key < query - 1) if lay.causal else (xp.abs(key - query) > 1)
+        sink = key < sinks
+        minus_inf = xp.asarray(-xp.inf, dtype=s.dtype, device=dev)
+        s = xp.where(far & ~sink, s, minus_inf)
+        parts = []
+        for o in lay.band:
+            b = query + o
+            parts.append((xp.broadcast_to(b, (*s.shape[:-1], 1)), (b >= 0) & (b < nb)))
+        for h in range(sinks):
+            b = xp.full(query.shape, h, device=dev)
+            parts.append((xp.broadcast_to(b, (*s.shape[:-1], 1)), far[:, h : h + 1]))
+        if top:
+            order = top_indices(xp, s, top)
+            best = xp.take_along_axis(s, order, axis=-1)
+            parts.append((order, best > minus_inf))
+        ids = xp.concat(
+            [xp.broadcast_to(i, (*s.shape[:-1], i.shape[-1])) for i, _ in parts], axis=-1
+        )
+        ok = xp.concat(
+            [xp.broadcast_to(k, (*s.shape[:-1], k.shape[-1])) for _, k in parts], axis=-1
+        )
+        chunks.append((xp.clip(ids, 0, nb - 1), ok))
+    ids = xp.concat([c[0] for c in chunks], axis=-2)
+    ok = xp.concat([c[1] for c in chunks], axis=-2)
+    return ids, ok
+
+
+def top_indices(xp, x, count):
+    """Indices of the ``count`` largest entries along the last axis, in no particular order.
+
+    A partition, not a sort (``O(m)`` per row where the library has one: NumPy's
+    ``argpartition``, torch's ``topk``); ``count`` may be the whole axis.
+    """
+    if count >= x.shape[-1]:
+        return xp.argsort(-x, axis=-1, stable=True)
+    return xpx.argpartition(-x, count - 1, axis=-1, xp=xp)[..., :count]
+
+
+def far_positions(xp, lay, ids, ok):
+    """The far-field token and sub-block of each exact block outside the band.
+
+    For query block ``I`` and key block ``B`` (both ``(B, nb, x)`` ints, ``ok`` masks unused
+    slots): the level ``ℓ`` and slot whose key box ``B >> (ℓ − 1)`` is in the interaction list
+    of ``I >> (ℓ − 1)``.  Returns ``token`` (``(ℓ − 1)·slots + slot``, ``-1`` where ``ok`` is
+    false) and ``sub``, the index into the level-concatenated sub-block arrays of
+    :class:`~convbasis.composite.operator.FarField` (``(ℓ − 1)·nb·slots + (a·slots + slot)·2^{ℓ−1}
+    + B mod 2^{ℓ−1}``).
+    """
+    nb, slots = lay.blocks, lay.slots
+    dev = device(ids)
+    query = xp.reshape(xp.arange(nb, device=dev), (nb, 1))
+    token = xp.full(ids.shape, -1, device=dev)
+    sub = xp.zeros(ids.shape, dtype=ids.dtype, device=dev)
+    for level in lay.levels:
+        width = 1 << (level - 1)
+        box, a = ids // width, query // width
+        rel = box - a
+        for slot in range(slots):
+            offs = [lay.offsets(0)[slot], lay.offsets(1)[slot]]
+            match = xp.zeros(ids.shape, dtype=xp.bool, device=dev)
+            for parity, o in enumerate(offs):
+                if o is not None:
+                    match = match | ((a % 2 == parity) & (rel == o))
+            match = match & ok
+            here = (level - 1) * slots + slot
+            flat = (level - 1) * nb * slots + (a * slots + slot) * width + (ids - box * width)
+            token = xp.where(match, here, token)
+            sub = xp.where(match, flat, sub)
+    return token, sub
+
+
+def pad(xp, x, padded):
+    """Zero-pad ``(B, n, p)`` to ``(B, padded, p)``."""
+    extra = padded - x.shape[-2]
+    if not extra:
+        return x
+    zeros = xp.zeros((x.shape[0], extra, x.shape[-1]), dtype=x.dtype, device=device(x))
+    return xp.concat([x, zeros], axis=-2)
+
+
+def as_blocks(xp, lay, x):
+    """``(B, N, p)`` → ``(B, nb, b, p)``."""
+    return xp.reshape(x, (x.shape[0], lay.blocks, lay.block, x.shape[-1]))
+
+
+def take_rows(xp, x, index):
+    """``x (B, R, ...)`` at per-batch rows ``index (B, nb, m)`` → ``(B, nb, m, ...)``."""
+    bt, rows = x.shape[:2]
+    flat = xp.reshape(x, (bt * rows, *x.shape[2:]))
+    offset = xp.reshape(xp.arange(bt, device=device(index)) * rows, (bt, 1, 1))
+    out = xp.take(flat, xp.reshape(index + offset, (-1,)), axis=0)
+    return xp.reshape(out, (*index.shape, *x.shape[2:]))
+
+
+def scatter_blocks(xp, lay, ids, values):
+    """Sum ``values (B, c, m, b, p)`` into the key blocks ``ids (B, c, m)``: ``(B, nb, b, p)``."""
+    bt = ids.shape[0]
+    offset = xp.reshape(xp.arange(bt, device=device(ids)) * lay.blocks, (bt, 1, 1))
+    flat = xp.reshape(values, (-1, *values.shape[-2:]))
+    out = index_add(xp, xp.reshape(ids + offset, (-1,)), flat, bt * lay.blocks)
+    return xp.reshape(out, (bt, lay.blocks, *values.shape[-2:]))
+
+
+def block_chunks(lay, per_block):
+    """Query-block ranges whose gathered ``(B, c, E, p)`` operand holds about ``2^21`` entries."""
+    step = max(1, _ROW_CHUNK // max(per_block * lay.block, 1))
+    for lo in range(0, lay.blocks, step):
+        yield lo, min(lo + step, lay.blocks)
+
+
+def block_scores(xp, lay, qb, kb, valid):
+    """Cheap (query block, key block) scores ``q̄·k̄`` of the block-mean query and key.
+
+    One dot product per block pair.  (A Gaussian correction from the keys' spread,
+    ``s²/2 q̄²·var(k)``, chose the same blocks on real heads: docs/composite.rst.)  Empty key
+    blocks score ``-inf``.
+    """
+    count = xp.sum(xp.reshape(xp.astype(valid, qb.dtype), (lay.blocks, lay.block)), axis=-1)
+    per = xp.where(count > 0, count, xp.ones_like(count))[:, None]
+    qbar = xp.sum(qb, axis=-2) / per
+    kbar = xp.sum(kb, axis=-2) / per
+    empty = xp.where(count > 0, xp.zeros_like(count), -xp.inf)
+
+    def scores(lo, hi):
+        return qbar[:, lo:hi, ...] @ xp.matrix_transpose(kbar) + empty
+
+    return scores
+
+
+def exact_mask(xp, lay, ids, ok, heavy, lo, hi):
+    """Which exact slots of query blocks ``lo:hi`` each row sees: ``(B, c, b | 1, E + h)``.
+
+    A block slot: used, the key not padding, and (causal) not in the row's future.  A heavy
+    column: not padding, not in the future, and not already in one of the row's blocks.
+    """
+    b = lay.block
+    dev = device(ids)
+    ids, ok = ids[:, lo:hi, ...], ok[:, lo:hi, ...]
+    key_pos = xp.reshape(ids[..., None] * b + xp.arange(b, device=dev), (*ids.shape[:2], -1))
+    seen = xp.reshape(xp.broadcast_to(ok[..., None], (*ok.shape, b)), key_pos.shape)
+    seen = (seen & (key_pos < lay.n))[:, :, None, :]
+    query_pos = xp.reshape(xp.arange(lo * b, hi * b, device=dev), (hi - lo, b, 1))
+    if lay.causal:
+        seen = seen & (key_pos[:, :, None, :] <= query_pos)
+    if heavy is None:
+        return seen
+    duplicate = xp.any(
+        (ids[:, :, :, None] == (heavy // b)[:, None, None, :]) & ok[..., None], axis=2
+    )
+    cols = ~duplicate[:, :, None, :] & (heavy < lay.n)[:, None, None, :]
+    if lay.causal:
+        cols = cols & (heavy[:, None, None, :] <= query_pos)
+    shape = (*seen.shape[:2], max(seen.shape[2], cols.shape[2]))
+    return xp.concat(
+        [
+            xp.broadcast_to(seen, (*shape, seen.shape[-1])),
+            xp.broadcast_to(cols, (*shape, cols.shape[-1])),
+        ],
+        axis=-1,
+    )
+
+
+def valid_rows(xp, lay, lo, hi, dtype, dev):
+    """``(c, b, 1)``: 1 for the rows ``< n`` of query blocks ``lo:hi``."""
+    rows = xp.arange(lo * lay.block, hi * lay.block, device=dev)
+    return xp.reshape(xp.astype(rows < lay.n, dtype), (hi - lo, lay.block, 1))
+
+
+def score_count(lay):
+    """Dot products of the block scores per batch element: one per far (query, key) block pair."""
+    filled = -(-lay.n // lay.block)
+    if lay.causal:
+        pairs = sum(max(0, i - 1) for i in range(filled))
+    else:
+        pairs = sum(filled - sum(0 <= i + o < filled for o in lay.band) for i in range(filled))
+    return float(pairs)
