@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from array_api_compat import is_jax_array
+
 __all__ = [
     "DECLARATIONS",
     "LIBRARIES",
@@ -185,12 +187,19 @@ def capabilities(name):
 
 
 def traced(*arrays):
-    """Whether any of ``arrays`` is a JAX tracer (under ``jax.jit``, ``grad``, ``vmap``).
+    """Whether values computed from ``arrays`` are JAX tracers (``jax.jit``, ``grad``, ``vmap``).
 
-    JAX is looked up in ``sys.modules``, never imported: without it no array is a tracer.
+    True for a tracer among ``arrays``, and for concrete JAX arrays that a traced function
+    captured (every operation on them is staged too).  JAX is looked up in ``sys.modules``,
+    never imported: without it nothing is traced.
     """
-    jax = sys.modules.get("jax")
-    return jax is not None and any(isinstance(a, jax.core.Tracer) for a in arrays)
+    jax, jnp = sys.modules.get("jax"), sys.modules.get("jax.numpy")
+    if jax is None or jnp is None:
+        return False
+    if any(isinstance(a, jax.core.Tracer) for a in arrays):
+        return True
+    # A constant made now is a tracer exactly when a trace is under way (one cached op).
+    return any(map(is_jax_array, arrays)) and isinstance(jnp.zeros(()), jax.core.Tracer)
 
 
 def check_eager(name, *arrays, method=None, option="method"):

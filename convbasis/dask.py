@@ -45,9 +45,9 @@ import operator
 import array_api_compat
 
 from ._array import resolve_scale
+from .composite import composite_attention
 from .conv import conv_attention
 from .gradients import attention_gradients as _attention_gradients
-from .composite import composite_attention
 from .gradients import check_grad_out, check_gradient
 from .multipole import multipole_attention
 from .operators import check_method
@@ -229,7 +229,8 @@ def attention(q, k, v, /, *, method, causal=True, scale=None, **options):
     q, k : Dask arrays ``(..., n, d)`` and ``(..., m, d)``
     v : Dask array ``(..., m, e)``
         Equal leading shapes and leading chunks; the last two axes whole in every chunk
-        (module docstring).  ``m == n`` when ``causal`` and for ``"conv"``/``"multipole"``/``"composite"``.
+        (module docstring).  ``m == n`` when ``causal`` and for ``"conv"``, ``"multipole"``
+        and ``"composite"``.
     method : {"dense", "lowrank", "conv", "multipole", "composite"}
         Each chunk goes to :func:`convbasis.attention` (``"dense"``, takes ``block=``),
         :func:`convbasis.lowrank_attention`, :func:`convbasis.conv_attention`,

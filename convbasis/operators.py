@@ -10,9 +10,9 @@ through four products (docs/math.rst §3):
 
 and every operator has ``shape == to_dense().shape == (*batch, n, m)``.  Gradients are written
 once against this protocol.  Implementations: dense (this module, from the reference oracle),
-low-rank (:mod:`convbasis.polynomial`), k-conv basis (:mod:`convbasis.conv`), Fast Multipole
-Attention (:mod:`convbasis.multipole`) and composite attention
-(:mod:`convbasis.composite`).  A new structure plugs in by implementing ``matmul`` and
+low-rank (:mod:`convbasis.polynomial`), k-conv basis (``convbasis.conv``), Fast Multipole
+Attention (``convbasis.multipole``) and composite attention
+(``convbasis.composite``).  A new structure plugs in by implementing ``matmul`` and
 ``rmatmul`` (the Hadamard products follow from them through :func:`hadamard_product`) and
 registering a constructor in :data:`METHODS`.
 """
@@ -190,6 +190,7 @@ class DenseAttentionOperator:
         return (ft * (y @ xp.matrix_transpose(g))) @ z
 
     def to_dense(self):
+        """The ``(..., n, m)`` weights themselves."""
         return self.weights
 
 

@@ -174,7 +174,7 @@ BY_METHOD = {
 }
 
 
-def _cases():
+def _cases(*, jit):
     """``(name, method)`` for every declared function that takes in-memory arrays."""
     cases = [(name, None) for name in CALLS]
     cases += [(name, m) for name in BY_METHOD for m in OPTIONS]
@@ -185,7 +185,7 @@ def _cases():
             name,
             method,
             id=name if method is None else f"{name}-{method}",
-            marks=pytest.mark.capabilities(name, jit=True, method=method),
+            marks=pytest.mark.capabilities(name, jit=jit, method=method),
         )
         for name, method in cases
     ]
@@ -211,7 +211,7 @@ def _inputs(xp, rng, dev):
 
 
 @pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
-@pytest.mark.parametrize(("name", "method"), _cases())
+@pytest.mark.parametrize(("name", "method"), _cases(jit=False))
 def test_every_function_gives_numpys_result_on_the_device(xp, device, rng, name, method):
     """Results stay in the caller's library and on the input's device, and equal NumPy's."""
     host, arrays = _inputs(xp, rng, device)
@@ -229,7 +229,7 @@ def test_every_function_gives_numpys_result_on_the_device(xp, device, rng, name,
 
 
 @pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
-@pytest.mark.parametrize(("name", "method"), _cases())
+@pytest.mark.parametrize(("name", "method"), _cases(jit=True))
 def test_jit_as_declared(backend, rng, name, method):
     """Under ``jax.jit`` a jit-safe function gives its eager result; an eager-only one raises
     EagerOnlyError (the capabilities mark makes that a strict xfail)."""

@@ -285,3 +285,51 @@ def test_model_gradient_matches_finite_differences(xp, rng, causal, batch, n, op
     assert_close(dq, _finite_difference(lambda x: loss(q_=x), q), atol=tol, xp=xp)
     assert_close(dk, _finite_difference(lambda x: loss(k_=x), k), atol=tol, xp=xp)
     assert_close(dv, _finite_difference(lambda x: loss(v_=x), v), atol=tol, xp=xp)
+
+
+def test_lost_far_field_mass_warns(rng):
+    """Large logits whose box maximum is an exact key: the subtraction loses the rest of the
+    box, and the call says so rather than returning a silently wrong row."""
+    q, k, v = _problem(rng, (), 32, d=2)
+    options = dict(causal=True, block=2, budget=8, heavy=0)
+    q32, k32, v32 = (a.astype(np.float32) for a in (30 * q, k, v))
+    with pytest.warns(cb.CompositeWarning, match="lost their keys' mass"):
+        composite_attention(q32, k32, v32, **options)
+
+
+def test_cross_attention_and_wider_grad_out(rng):
+    q, k, v = _problem(rng, (), 24)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        composite_attention(q, k[:16], v[:16], causal=False, block=2, budget=24)
+    g = rng.standard_normal((3, 24, 2))
+    options = dict(block=2, budget=8)
+    got = cb.attention_gradients(q, k, v, g, method="composite", gradient="model", **options)
+    want = [
+        sum(parts)
+        for parts in zip(
+            *(
+                cb.attention_gradients(
+                    q, k, v, g[i], method="composite", gradient="model", **options
+                )
+                for i in range(3)
+            ),
+            strict=True,
+        )
+    ]
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"target_error": "0.1"}, "target_error"),
+        ({"max_fraction": None}, "max_fraction"),
+        ({"max_fraction": True}, "max_fraction"),
+        ({"sinks": 16, "budget": 33}, "sinks"),
+    ],
+)
+def test_option_types_name_the_parameter(rng, options, match):
+    q, k, v = _problem(rng, (), 33)
+    with pytest.raises(ValueError, match=match):
+        composite_attention(q, k, v, **{"block": 4, **options})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import convbasis as cb
-from convbasis.testing import assert_close
+from convbasis.testing import assert_close, to_numpy
 
 OPTIONS = {
     "dense": {},
@@ -66,10 +66,10 @@ def test_conv_propagates_nan_anywhere_in_q_or_k(xp, rng, where):
     q, k, v = rng.standard_normal((3, 2, 16, 4))
     (q if where == "q" else k)[1, 5, 2] = np.nan
     q, k, v = (xp.asarray(a) for a in (q, k, v))
-    out = np.asarray(cb.conv_attention(q, k, v, rank=4))
+    out = to_numpy(cb.conv_attention(q, k, v, rank=4))
     assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1]))
     grads = cb.attention_gradients(q, k, v, v, method="conv", gradient="model", rank=4)
-    assert np.all(np.isnan(np.asarray(grads[0])[1]))
+    assert np.all(np.isnan(to_numpy(grads[0])[1]))
 
 
 @pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")

@@ -213,7 +213,8 @@ def test_gradients_in_dtype(xp, rng, n, causal, dtype):
         assert got.shape == want.shape and got.dtype == getattr(xp, dtype)
         # scale the baseline error to this gradient's magnitude
         rel = np.max(np.abs(base - base64)) / np.max(np.abs(base64))
-        bound = 5 * rel * np.max(np.abs(want)) + 8 * np.finfo(dtype).eps * np.max(np.abs(want))
+        # + round-off of sums over n keys: in float64 the baseline is the golden result
+        bound = (5 * rel + 8 * n * np.finfo(dtype).eps) * np.max(np.abs(want))
         assert np.max(np.abs(to_numpy(got) - want)) <= bound
     for got, want in zip(grads.ddownsample, golden.ddownsample, strict=True):
         assert got.shape == want.shape

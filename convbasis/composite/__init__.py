@@ -5,8 +5,8 @@ FMM tokens that stand for the rest, :mod:`.operator` joins both in one softmax a
 operator, and :mod:`.attention` applies it with a sampled estimate of its error.
 """
 
-from .attention import CompositeReport, CompositeWarning, composite_attention
-from .operator import CompositeAttentionOperator, composite_operator
+from .attention import CompositeReport, composite_attention
+from .operator import CompositeAttentionOperator, CompositeWarning, composite_operator
 
 __all__ = [
     "CompositeAttentionOperator",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import warnings
 from dataclasses import dataclass
@@ -11,16 +12,12 @@ from typing import Any
 from array_api_compat import device
 
 from .._array import check_integer, validate_attention_inputs
-from .operator import build, composite_operator
+from .operator import CompositeWarning, build
 
 __all__ = ["CompositeReport", "CompositeWarning", "composite_attention"]
 
 # Bootstrap resamples of the sampled rows for the error interval.
 _RESAMPLES = 400
-
-
-class CompositeWarning(UserWarning):
-    """``target_error`` was not met within ``max_fraction``."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +109,10 @@ def composite_attention(
     samples = min(32, n) if samples is None else samples
     samples = check_integer(samples, "samples", high=n, what=f"n = {n}")
     seed = check_integer(seed, "seed", low=0)
-    if target_error is not None and not 0 < target_error < 1:
-        raise ValueError(f"target_error must be in (0, 1), got {target_error!r}")
-    if not 0 < max_fraction <= 1:
-        raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction!r}")
+    if target_error is not None and not (_is_real(target_error) and 0 < target_error < 1):
+        raise ValueError(f"target_error must be a number in (0, 1), got {target_error!r}")
+    if not (_is_real(max_fraction) and 0 < max_fraction <= 1):
+        raise ValueError(f"max_fraction must be a number in (0, 1], got {max_fraction!r}")
     options = dict(causal=causal, scale=scale, block=block, sinks=sinks, heavy=heavy)
     budget = min(128, n) if budget is None else budget
     op, out = build(xp, q, k, v, budget=budget, **options)
@@ -123,20 +120,22 @@ def composite_attention(
         return out
     estimate = _estimate(xp, q, k, v, out, op, samples, seed)
     while target_error is not None and estimate[0] > target_error:
-        grown = (
-            None if budget >= n else composite_operator(q, k, budget=min(2 * budget, n), **options)
-        )
-        if grown is None or grown.exact_fraction > max_fraction:
+        grown = None if budget >= n else build(xp, q, k, v, budget=min(2 * budget, n), **options)
+        if grown is None or grown[0].exact_fraction > max_fraction:
+            why = (
+                "the budget is already n (float round-off)"
+                if grown is None
+                else f"doubling the budget would exceed max_fraction={max_fraction}"
+            )
             warnings.warn(
                 f"composite attention: estimated error {estimate[0]:.3g} above target_error="
                 f"{target_error} at budget {budget} (exact fraction {op.exact_fraction:.3g}); "
-                f"doubling the budget would exceed max_fraction={max_fraction}",
+                f"{why}",
                 CompositeWarning,
                 stacklevel=2,
             )
             break
-        budget = min(2 * budget, n)
-        op, out = build(xp, q, k, v, budget=budget, **options)
+        budget, (op, out) = min(2 * budget, n), grown
         estimate = _estimate(xp, q, k, v, out, op, samples, seed)
     if not return_report:
         return out
@@ -152,6 +151,11 @@ def composite_attention(
         target_met=None if target_error is None else error <= target_error,
     )
     return out, report
+
+
+def _is_real(x):
+    """A real number, not a bool (``True`` is not a fraction)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _estimate(xp, q, k, v, out, op, samples, seed):

@@ -55,6 +55,7 @@ class FarField:
     sub: Any
     drop: Any
     evaluations: Any
+    present: tuple[Any, ...]
 
 
 def centre_logits(xp, lay, q, k, valid, scale):
@@ -108,7 +109,7 @@ def column_mass(xp, lay, levels, like):
 
 def far_field(xp, lay, levels, heavy, token, sub, drop, evaluations):
     """The :class:`FarField` of the centre logits, leaving out the exact ``heavy (B, N)`` keys."""
-    centres, shifts, weights, boxes = [], [], [], []
+    centres, shifts, weights, boxes, present = [], [], [], [], []
     for level, (c, box, logits, _) in zip(lay.levels, levels, strict=True):
         width = lay.block << (level - 1)
         if heavy is not None:
@@ -121,6 +122,7 @@ def far_field(xp, lay, levels, heavy, token, sub, drop, evaluations):
         centres.append(c)
         shifts.append(mu)
         weights.append(xp.exp(logits - mu[..., None]))
+        present.append(xp.astype(xp.isfinite(logits), logits.dtype))
         boxes.append(box)
     return FarField(
         centres=tuple(centres),
@@ -131,6 +133,7 @@ def far_field(xp, lay, levels, heavy, token, sub, drop, evaluations):
         sub=sub,
         drop=drop,
         evaluations=evaluations,
+        present=tuple(present),
     )
 
 

@@ -42,6 +42,9 @@ def model_gradients(xp, q, k, v, g, *, causal, scale, **options):
 
 
 def _gradients(xp, q, k, v, g, *, causal, scale, **options):
+    # grad_out may broadcast q, k, v further: the gradients are per element of its batch
+    batch = xp.broadcast_shapes(*(a.shape[:-2] for a in (q, k, v, g)))
+    q, k, v = (xp.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, v))
     op, out = build(xp, q, k, v, causal=causal, scale=scale, **_defaults(options))
     lay, s = op.layout, op.scale
     flat = [op.flatten(xp, x) for x in (q, k, v, g)]

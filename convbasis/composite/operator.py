@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +33,9 @@ from .._array import (
     single_threaded_blas,
     validate_qk,
 )
+from .._capabilities import traced
 from ..operators import check_operands, hadamard_product
 from .far_field import (
-    FarField,
     centre_logits,
     far_field,
     heavy_columns,
@@ -43,7 +44,6 @@ from .far_field import (
     token_sums,
 )
 from .layout import (
-    Layout,
     as_blocks,
     block_chunks,
     block_scores,
@@ -58,7 +58,12 @@ from .layout import (
     valid_rows,
 )
 
-__all__ = ["CompositeAttentionOperator", "composite_operator", "exact_rows"]
+__all__ = ["CompositeAttentionOperator", "CompositeWarning", "composite_operator", "exact_rows"]
+
+
+class CompositeWarning(UserWarning):
+    """A composite result to distrust: ``target_error`` not met within ``max_fraction``, or
+    far-field tokens whose mass was lost to rounding."""
 
 
 @dataclass(frozen=True)
@@ -98,13 +103,13 @@ class CompositeAttentionOperator:
         Logit evaluations per batch element: exact, far-field tokens, centres, block scores.
     """
 
-    layout: Layout
+    layout: Any
     batch: tuple[int, ...]
     ids: Any
     used: Any
     heavy: Any
     exact: Any
-    far: FarField
+    far: Any
     far_weights: Any
     token_mass: Any
     scale: float
@@ -294,12 +299,18 @@ def build(xp, q, k, v, *, causal, scale, budget, block, sinks, heavy):
     """The operator of validated ``q, k`` and, when ``v`` is given, ``f v`` ``(..., n, e)``
     from the same pass (one gather of the exact keys and values, one far-field sum)."""
     n, d = q.shape[-2:]
+    if k.shape[-2] != n:
+        raise ValueError(
+            f"composite attention needs as many queries as keys, got q shape {q.shape} and "
+            f"k shape {k.shape}"
+        )
     block = (8 if n <= 4096 else 16) if block is None else check_integer(block, "block")
     block = min(block, n)
     budget = min(128, n) if budget is None else budget
     budget = check_integer(budget, "budget", high=n, what=f"n = {n}")
     lay = layout(n, block, causal)
-    sinks = check_integer(sinks, "sinks", low=0, high=lay.blocks)
+    filled = -(-n // lay.block)
+    sinks = check_integer(sinks, "sinks", low=0, high=filled, what=f"ceil(n / block) = {filled}")
     top, heavy = _split_budget(lay, budget, sinks, heavy)
     with single_threaded_blas(xp):
         op, out = _build(xp, lay, q, k, v, resolve_scale(scale, d), sinks, top, heavy)
@@ -348,6 +359,7 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy):
     # of the subtraction must not become a weight.
     tiny = 64 * xp.finfo(q.dtype).eps
     keep = mass > tiny * totals[..., d]
+    _check_conditioning(xp, lay, far, ones, mass, totals[..., d])
     mass = xp.where(keep, mass, xp.ones_like(mass))
     mean_key = sums[..., :d] / mass[..., None]
     shift, centre = per_token(xp, lay, far, q)
@@ -402,6 +414,35 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy):
     )
     out = None if v is None else xp.reshape(xp.concat(outs, axis=1), v.shape)
     return op, out
+
+
+# A token's sums are its box's minus those of its dropped sub-blocks (docs/composite.rst):
+# when the dropped ones hold all but this share of the box's centre mass, the difference has
+# lost most of its digits, or all of them.
+_CONDITIONING = 2.0**-10
+
+
+def _check_conditioning(xp, lay, far, ones, mass, total):
+    """Warn when a token that still has keys lost its mass to the subtraction's rounding.
+
+    Happens when the box's largest centre logits lie in the row's exact blocks and the keys
+    left are far below them (a logit gap of about 7 + log(1/eps)): those keys' share of the
+    row is then wrong, possibly by O(1).  Not checked under tracing (no values to read).
+    """
+    if not lay.tokens or traced(mass):
+        return
+    count, _ = token_sums(xp, lay, dataclasses.replace(far, weights=far.present), ones)
+    lost = (count[..., 0] > 0.5) & (mass < _CONDITIONING * total)
+    if bool(xp.any(lost)):
+        share = float(xp.mean(xp.astype(lost, mass.dtype)))
+        warnings.warn(
+            f"composite attention: {share:.2%} of the far-field tokens lost their keys' mass "
+            "to rounding (their box's largest centre logits are exact keys of the row and the "
+            "rest lie far below); those rows may be off by O(1). A larger budget, a smaller "
+            "block or float64 inputs help; the report's error estimate samples rows",
+            CompositeWarning,
+            stacklevel=4,
+        )
 
 
 def _flat(xp, a, batch, padded):

@@ -3,7 +3,7 @@
 :func:`conv_attention` and :func:`conv_operator` recover the basis of the logits from ``Q, K``
 (:func:`~convbasis.conv.recover_conv_basis`), exponentiate it with one global shift per batch
 element and run one set of FFT products; under-resolved rows go through the exact-row
-safeguard (:mod:`convbasis.conv.safeguard`).  A sampled logit residual checks the recovered
+safeguard (``convbasis.conv.safeguard``).  A sampled logit residual checks the recovered
 basis against ``s · Q Kᵀ`` and warns (:class:`ConvBasisWarning`) when it is far off.
 """
 
@@ -79,8 +79,8 @@ class ConvAttentionOperator:
     lower_exp, upper_exp : ConvBasis, ConvBasis or None
         The bases of ``C``: ``exp(lower - μ)`` and ``exp(upper - μ)`` on its strictly lower
         part (``None`` when causal); ``C Z`` is ``c_product`` of the two (``_fft``).
-    exact_rows : ExactRows
-        The exact-row safeguard (:mod:`convbasis.conv.safeguard`): the recomputed rows, their
+    exact_rows
+        The exact-row safeguard (``convbasis.conv.safeguard``): the recomputed rows, their
         blocks and exact weights.
     """
 
@@ -93,7 +93,7 @@ class ConvAttentionOperator:
     logit_residual: float
     lower_exp: ConvBasis = field(repr=False)
     upper_exp: ConvBasis | None = field(repr=False)
-    exact_rows: ExactRows = field(repr=False)
+    exact_rows: Any = field(repr=False)
 
     @property
     def n(self):

@@ -103,7 +103,7 @@ class ConvBasis:
 
     @cached_property
     def plan(self):
-        """FFT plan of the segments: ``(σ_i, σ_{i+1}, m_i, N_i)`` per segment."""
+        """The FFT plan of the segments, ``(σ_i, σ_{i+1}, m_i, N_i)`` per segment."""
         return segment_plan(self.starts, self.n)
 
     @cached_property

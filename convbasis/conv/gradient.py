@@ -13,7 +13,7 @@ inverse FFT) and a window sum of ``δ̃``.  Then ``dQ[σ_i + t] += s ∂c_i[t] K
 ``dK[σ_i] += s Σ_t ∂c_i[t] Q[σ_i + t]``; bidirectional attention adds the same for the basis of
 ``K Qᵀ`` with the roles of ``G̃`` and ``V`` exchanged.  The segment starts are piecewise
 constant in ``(Q, K)``: no gradient.  Rows the safeguard recomputes exactly
-(:mod:`convbasis.conv.safeguard`) contribute their exact ``P̃`` rows instead of the FFT path.
+(``convbasis.conv.safeguard``) contribute their exact ``P̃`` rows instead of the FFT path.
 
 Cost ``O(k n e log n)`` plus ``O(k n d)`` — that of the forward — against ``O(k n d e log n)``
 for the exact-formula route.

@@ -31,9 +31,9 @@ sequence (``n < block`` is exact attention).  Cost ``O(N (3m + 4pL)(d + e))`` ti
 ``2m + 2pL``) and ``O(N (m + d + e))`` memory; no ``n × n`` array is formed except by
 :func:`~convbasis.reference.multipole_weights` and :meth:`MultipoleAttentionOperator.to_dense`.
 
-Modules: :mod:`~convbasis.multipole.geometry` (validation, padding, level sizes),
-:mod:`~convbasis.multipole.levels` (the near and far-field levels and the one pass over them
-with a running maximum) and :mod:`~convbasis.multipole.attention` (attention, backward,
+Modules: ``convbasis.multipole.geometry`` (validation, padding, level sizes),
+``convbasis.multipole.levels`` (the near and far-field levels and the one pass over them
+with a running maximum) and ``convbasis.multipole.attention`` (attention, backward,
 operator).
 """
 

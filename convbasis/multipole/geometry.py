@@ -166,7 +166,7 @@ PARAMS_DOC = """
         ``"mean"``: average pooling.  Otherwise one kernel per far-field level
         ``l = 1 ... L``, array ``l-1`` of shape ``(c_l,) = (block * 2**(l-1) // basis,)``: the
         weights of a strided filter with kernel = stride = ``c_l``, shared by keys and values (see
-        :func:`kernel_shapes`).  ``L`` depends on the padded length.
+        :func:`~convbasis.multipole.kernel_shapes`).  ``L`` depends on the padded length.
     scale : float, optional
         Logit scale ``s``; default ``1/sqrt(d)``."""
 

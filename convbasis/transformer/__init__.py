@@ -18,11 +18,11 @@ the default ``gradient="exact-formula"`` (the papers' Algorithm 1) the gradients
 approximate ``f̃`` into the exact formulas, which is not the gradient of the computed loss
 (docs/math.rst §7).
 
-Modules: :mod:`~convbasis.transformer.params` (parameters and their initialisation),
-:mod:`~convbasis.transformer.activations`, :mod:`~convbasis.transformer.norms`,
-:mod:`~convbasis.transformer.model` (the forward pass and its caches),
-:mod:`~convbasis.transformer.backward` (:func:`loss_and_gradients`) and
-:mod:`~convbasis.transformer.losses`.
+Modules: ``convbasis.transformer.params`` (parameters and their initialisation),
+``convbasis.transformer.activations``, ``convbasis.transformer.norms``,
+``convbasis.transformer.model`` (the forward pass and its caches),
+``convbasis.transformer.backward`` (:func:`loss_and_gradients`) and
+``convbasis.transformer.losses``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ ACTIVATIONS = _activations.ACTIVATIONS
 """Element-wise activations ``φ``; each maps ``(xp, z)`` to ``(φ(z), φ'(z))``."""
 
 NORMS = _norms.NORMS
-"""Norm options: identity, LayerNorm (gain and bias), RMSNorm (gain)."""
+"""The norm options (identity, LayerNorm with gain and bias, RMSNorm with gain)."""
 
 __all__ = [
     "ACTIVATIONS",

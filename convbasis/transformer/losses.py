@@ -21,7 +21,8 @@ def squared_error_loss(target, /):
 
     Parameters
     ----------
-    target : array shaped like the model output
+    target : array
+        Shaped like the model output.
     """
 
     def loss(out):

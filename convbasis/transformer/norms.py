@@ -7,7 +7,7 @@ from .._array import sum_to_shape
 __all__ = ["NORMS", "NORM_EPS", "norm_backward", "norm_forward"]
 
 NORMS = ("none", "layer", "rms")
-"""Norm options: identity, LayerNorm (gain and bias), RMSNorm (gain)."""
+"""The norm options (identity, LayerNorm with gain and bias, RMSNorm with gain)."""
 
 NORM_EPS = 1e-5
 """The ``ε`` inside both norms' square root."""
