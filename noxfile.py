@@ -27,12 +27,11 @@ PYTHON = os.environ.get("CONVBASIS_NOX_PYTHON") or None
 TORCH_VERSION = "2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # JAX compiles every eager operation for every new shape (~60 ms each on CPU), about 100x
-# NumPy's time on this suite: its session runs the modules that check every public function
-# against the dense oracles; the per-module suites run on the other backends.
+# NumPy's time on this suite (test_operators.py alone runs over 15 minutes): its session runs
+# the dense oracles' tests and the modules that check every public function and every method
+# (forward and gradients) against them; the per-module suites run on the other backends.
 JAX_MODULES = (
     "tests/test_reference.py",
-    "tests/test_operators.py",
-    "tests/test_gradients.py",
     "tests/test_edge_cases.py",
     "tests/test_capabilities.py",
     "tests/test_adversarial.py",
@@ -100,6 +99,7 @@ def tests(session, backend):
         # Compiled operations persist across runs (a rerun takes about a third of the time).
         cache = (session.cache_dir / "jax").resolve()
         env |= {
+            "HYPOTHESIS_PROFILE": "jax",  # fewer examples (tests/conftest.py)
             "JAX_COMPILATION_CACHE_DIR": str(cache),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",

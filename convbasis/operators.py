@@ -42,6 +42,7 @@ __all__ = [
     "METHODS",
     "AttentionOperator",
     "DenseAttentionOperator",
+    "SquareProducts",
     "attention_operator",
     "check_operands",
     "dense_operator",
@@ -144,6 +145,38 @@ def hadamard_product(xp, product, g, y, z):
         term = xp.sum(g[..., :, lo:hi, None] * res, axis=-2)
         out = term if out is None else out + term
     return out
+
+
+class SquareProducts:
+    """The Hadamard products and ``to_dense`` of a square ``(..., n, n)`` operator from its
+    ``matmul`` and ``rmatmul`` (:func:`hadamard_product`; docs/math.rst §3).
+
+    A subclass has ``shape`` and ``_like``, an array of its library, device and dtype.
+    """
+
+    def _hadamard_operands(self, g, y, z):
+        rows = dict.fromkeys("gyz", self.shape[-1])
+        xp, arrays = check_operands(
+            self._like, {"g": g, "y": y, "z": z}, rows=rows, batch=self.shape[:-2], hadamard=True
+        )
+        return (xp, *arrays)
+
+    def hadamard_matmul(self, g, y, z, /):
+        """``(f ∘ G Yᵀ) z = Σ_l diag(G_l) f diag(Y_l) z`` for ``g, y (..., n, s)``,
+        ``z (..., n, e)``: products of ``f`` with ``s e`` columns in all."""
+        xp, g, y, z = self._hadamard_operands(g, y, z)
+        return hadamard_product(xp, self.matmul, g, y, z)
+
+    def hadamard_rmatmul(self, g, y, z, /):
+        """``(f ∘ G Yᵀ)ᵀ z = Σ_l diag(Y_l) fᵀ diag(G_l) z`` (as :meth:`hadamard_matmul`)."""
+        xp, g, y, z = self._hadamard_operands(g, y, z)
+        return hadamard_product(xp, self.rmatmul, y, g, z)
+
+    def to_dense(self):
+        """The ``(..., n, n)`` matrix ``f`` (``matmul`` of the identity; ``O(n²)``)."""
+        like = self._like
+        eye = namespace(like).eye(self.shape[-1], dtype=like.dtype, device=device(like))
+        return self.matmul(eye)
 
 
 @dataclass(frozen=True)

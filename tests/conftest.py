@@ -33,7 +33,7 @@ from convbasis._capabilities import EagerOnlyError, capabilities
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.register_profile("dev", deadline=None, max_examples=10)
 # JAX compiles every eager operation for every new shape: its nox session draws fewer.
-settings.register_profile("jax", deadline=None, max_examples=6, derandomize=True)
+settings.register_profile("jax", deadline=None, max_examples=4, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

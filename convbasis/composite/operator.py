@@ -28,13 +28,12 @@ from .._array import (
     check_integer,
     index_add,
     map_chunks,
-    namespace,
     resolve_scale,
     single_threaded_blas,
     validate_qk,
 )
 from .._capabilities import traced
-from ..operators import check_operands, hadamard_product
+from ..operators import SquareProducts, check_operands
 from .far_field import (
     centre_logits,
     far_field,
@@ -67,7 +66,7 @@ class CompositeWarning(UserWarning):
 
 
 @dataclass(frozen=True)
-class CompositeAttentionOperator:
+class CompositeAttentionOperator(SquareProducts):
     """The normalised composite weights ``f (..., n, n)`` as an operator.
 
     Build with :func:`composite_operator`.  ``matmul(z)`` and ``rmatmul(z)`` cost
@@ -211,28 +210,9 @@ class CompositeAttentionOperator:
             out = _transposed(xp, op, z)
         return self._finish(xp, out, fold)
 
-    def _hadamard_operands(self, g, y, z):
-        rows = dict.fromkeys("gyz", self.layout.n)
-        xp, arrays = check_operands(
-            self.exact, {"g": g, "y": y, "z": z}, rows=rows, batch=self.batch, hadamard=True
-        )
-        return (xp, *arrays)
-
-    def hadamard_matmul(self, g, y, z, /):
-        """``(f ∘ G Yᵀ) z = Σ_l diag(G_l) f diag(Y_l) z`` (docs/math.rst §3)."""
-        xp, g, y, z = self._hadamard_operands(g, y, z)
-        return hadamard_product(xp, self.matmul, g, y, z)
-
-    def hadamard_rmatmul(self, g, y, z, /):
-        """``(f ∘ G Yᵀ)ᵀ z = Σ_l diag(Y_l) fᵀ diag(G_l) z``."""
-        xp, g, y, z = self._hadamard_operands(g, y, z)
-        return hadamard_product(xp, self.rmatmul, y, g, z)
-
-    def to_dense(self):
-        """The ``(..., n, n)`` matrix ``f`` (``matmul`` of the identity; ``O(n²)``)."""
-        xp = namespace(self.exact)
-        n = self.layout.n
-        return self.matmul(xp.eye(n, dtype=self.exact.dtype, device=device(self.exact)))
+    @property
+    def _like(self):
+        return self.exact
 
     @property
     def exact_fraction(self):

@@ -7,8 +7,8 @@ from typing import Any
 
 from array_api_compat import device
 
-from .._array import namespace, resolve_scale, sum_to_shape
-from ..operators import check_operands, hadamard_product
+from .._array import resolve_scale, sum_to_shape
+from ..operators import SquareProducts, check_operands
 from .geometry import broadcast_and_pad, document_params, geometry, prepare
 from .levels import forward, iter_levels
 
@@ -135,7 +135,7 @@ def multipole_attention_backward(
 
 
 @dataclass(frozen=True)
-class MultipoleAttentionOperator:
+class MultipoleAttentionOperator(SquareProducts):
     """The normalised FMA weight matrix ``f`` (``(..., n, n)``) as an operator.
 
     Build with :func:`multipole_operator`.  ``matmul(z) = f z`` and ``rmatmul(z) = fᵀ z`` cost
@@ -198,30 +198,9 @@ class MultipoleAttentionOperator:
             out = out + lev.scatter(xp.matrix_transpose(lev.flat(w)) @ lev.split(zp))
         return out[..., : self.n, :]
 
-    def _hadamard_operands(self, g, y, z):
-        rows = dict.fromkeys("gyz", self.n)
-        xp, arrays = check_operands(
-            self.q, {"g": g, "y": y, "z": z}, rows=rows, batch=self.shape[:-2], hadamard=True
-        )
-        return (xp, *arrays)
-
-    def hadamard_matmul(self, g, y, z, /):
-        """``(f ∘ G Yᵀ) z = Σ_l diag(G_l) f diag(Y_l) z``; ``g, y (..., n, s)``, ``z (..., n, e)``.
-
-        Products of ``f`` with ``s e`` columns in all (docs/math.rst §3).
-        """
-        xp, g, y, z = self._hadamard_operands(g, y, z)
-        return hadamard_product(xp, self.matmul, g, y, z)
-
-    def hadamard_rmatmul(self, g, y, z, /):
-        """``(f ∘ G Yᵀ)ᵀ z = Σ_l diag(Y_l) fᵀ diag(G_l) z`` (as :meth:`hadamard_matmul`)."""
-        xp, g, y, z = self._hadamard_operands(g, y, z)
-        return hadamard_product(xp, self.rmatmul, y, g, z)
-
-    def to_dense(self):
-        """The ``(..., n, n)`` matrix ``f`` (``matmul`` of the identity; ``O(n²)``)."""
-        xp = namespace(self.q)
-        return self.matmul(xp.eye(self.n, dtype=self.q.dtype, device=device(self.q)))
+    @property
+    def _like(self):
+        return self.q
 
 
 @document_params
