@@ -17,7 +17,7 @@ import array_api_compat
 import scipy.fft
 
 from . import _numpy
-from ._validation import check_integer
+from ._validation import broadcast_shapes, check_integer
 
 __all__ = [
     "as_floating",
@@ -117,7 +117,8 @@ def check_rows(x, name, *, min_ndim=2):
     """Require ``x.ndim >= min_ndim`` and a non-empty sequence axis ``x.shape[-2]``."""
     if x.ndim < min_ndim:
         raise ValueError(
-            f"{name} must have at least {min_ndim} dimensions (..., n, d), got shape {x.shape}"
+            f"{name} must have at least {min_ndim} dimensions (..., n, d), "
+            f"got shape {tuple(x.shape)}"
         )
     if x.shape[-2] == 0:
         raise ValueError(f"{name} must have a non-empty sequence axis (n >= 1), got {x.shape}")
@@ -127,7 +128,7 @@ def check_last_dim(x, name, expected, what):
     """Require ``x.shape[-1] == expected``; the message says what the axis must match."""
     if x.shape[-1] != expected:
         raise ValueError(
-            f"{name} must have last dimension {expected} ({what}), got shape {x.shape}"
+            f"{name} must have last dimension {expected} ({what}), got shape {tuple(x.shape)}"
         )
 
 
@@ -144,11 +145,13 @@ def validate_attention_inputs(q, k, v, *, causal, extra=(), extra_names=()):
         check_rows(a, name)
     check_last_dim(k, "k", q.shape[-1], "the head dimension of q")
     if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"v must have as many rows as k ({k.shape[-2]}), got shape {v.shape}")
+        raise ValueError(
+            f"v must have as many rows as k ({k.shape[-2]}), got shape {tuple(v.shape)}"
+        )
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(
             "causal attention needs as many queries as keys, got "
-            f"q shape {q.shape} and k shape {k.shape}"
+            f"q shape {tuple(q.shape)} and k shape {tuple(k.shape)}"
         )
     check_batch(xp, arrays, names)
     return (xp, *as_floating(xp, arrays, names))
@@ -157,11 +160,11 @@ def validate_attention_inputs(q, k, v, *, causal, extra=(), extra_names=()):
 def check_batch(xp, arrays, names):
     """Require the leading (batch/head) axes of ``(..., n, ·)`` arrays to broadcast."""
     try:
-        xp.broadcast_shapes(*(a.shape[:-2] for a in arrays))
+        broadcast_shapes(*(tuple(a.shape[:-2]) for a in arrays))
     except ValueError:
         raise ValueError(
             "leading (batch/head) axes must broadcast, got shapes "
-            + ", ".join(f"{n} {a.shape}" for a, n in zip(arrays, names, strict=True))
+            + ", ".join(f"{n} {tuple(a.shape)}" for a, n in zip(arrays, names, strict=True))
         ) from None
 
 
@@ -175,7 +178,7 @@ def validate_qk(q, k, *, causal, same_length=None):
     if same_length is not None and q.shape[-2] != k.shape[-2]:
         raise ValueError(
             f"{same_length} needs as many queries as keys, got "
-            f"q shape {q.shape} and k shape {k.shape}"
+            f"q shape {tuple(q.shape)} and k shape {tuple(k.shape)}"
         )
     return xp, q, k
 

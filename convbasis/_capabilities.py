@@ -4,9 +4,9 @@ One :class:`Capabilities` per public function or class (SciPy's ``xp_capabilitie
 kept in one table rather than on each function): the test suite's ``capabilities`` mark
 skips what a declaration excludes, with its reason (``tests/conftest.py``), and
 ``docs/capabilities.rst`` holds :func:`table` verbatim (``tests/test_capabilities.py``
-checks it; :func:`write_page` rewrites it).  Functions that read array
-values back into Python call :func:`check_eager` at their public boundary, so JAX tracing
-stops there with one :class:`EagerOnlyError` instead of a traceback from deep inside.
+checks it; :func:`write_page` rewrites it).  Functions that read array values back into
+Python call :func:`check_eager` at their public boundary, so JAX tracing stops there with
+one :class:`EagerOnlyError` instead of a traceback from deep inside.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def traced(*arrays):
 
 
 def check_eager(name, *arrays, method=None, option="method"):
-    """Raise :class:`EagerOnlyError` when ``name`` cannot trace and an array is a JAX tracer.
+    """Raise :class:`EagerOnlyError` when ``name`` cannot trace and :func:`traced` holds.
 
     ``method`` is the call's method (passed as the keyword ``option``), for the functions
     whose declaration lists the methods that trace.

@@ -33,6 +33,7 @@ from ._array import (
     validate_attention_inputs,
     validate_qk,
 )
+from ._capabilities import check_eager
 from .causal import masked_product
 from .exp_approximation import (
     _check_degree,
@@ -275,6 +276,7 @@ def lowrank_factors(q, k, /, *, eps=None, degree=None, kind="chebyshev", scale=N
         ``max_rank`` (or its default), or a radius so large that the features overflow the
         dtype (checked before any ``n × r`` allocation).
     """
+    check_eager("lowrank_factors", q, k)
     xp, q, k = validate_qk(q, k, causal=False)
     s = resolve_scale(scale, q.shape[-1])
     poly = _choose_polynomial(xp, q, k, s, eps, degree, kind, max_rank)
@@ -522,6 +524,7 @@ def lowrank_attention(
         ``b = min(2^19 / (B r'), 256)`` rows, ``r' = C(d+g−2, g−2)`` the monomials built
         and ``B`` the batch size.  NumPy pipelines the blocks over threads.
     """
+    check_eager("lowrank_attention", q, k)
     xp, q, k, v = validate_attention_inputs(q, k, v, causal=causal)
     s = resolve_scale(scale, q.shape[-1])
     poly = _choose_polynomial(xp, q, k, s, eps, degree, kind, max_rank)
@@ -652,6 +655,7 @@ def lowrank_operator(
     LowRankAttentionOperator
         Holds the ``n × r`` factors: ``O((n + m) r)`` memory; ``D`` costs one product.
     """
+    check_eager("lowrank_operator", q, k)
     xp, q, k = validate_qk(q, k, causal=causal)
     factors = lowrank_factors(
         q, k, eps=eps, degree=degree, kind=kind, scale=scale, max_rank=max_rank

@@ -42,18 +42,22 @@ def assert_close(actual, desired, *, rtol=0.0, atol=0.0, xp=None, dtype=None, er
     np.testing.assert_allclose(a, d, rtol=rtol, atol=atol, err_msg=err_msg)
 
 
-def assert_within_reference_error(actual, golden, baseline, *, factor=3.0, err_msg=""):
+def assert_within_reference_error(
+    actual, golden, baseline, *, factor=3.0, magnitude=None, err_msg=""
+):
     """FlashAttention-style check: ``actual``'s error is a small multiple of a baseline's.
 
     ``golden`` is a float64 result; ``baseline`` is the plain dense computation in the same
     dtype as ``actual``.  Passes when ``max|actual - golden| <= factor · max|baseline -
-    golden| + 8 eps max|golden|`` (the last term covers a baseline that is exact by luck).
+    golden| + 8 eps M`` (the last term covers a baseline that is exact by luck).  ``M`` is
+    ``magnitude``, the largest sum of absolute terms behind an entry (a sum that cancels is
+    rounded relative to its terms, not its result), by default ``max|golden|``.
     """
     a, g, b = (to_numpy(x).astype(np.float64) for x in (actual, golden, baseline))
     if a.shape != g.shape:
         raise AssertionError(f"shape {a.shape} != expected {g.shape}. {err_msg}")
     eps = float(np.finfo(to_numpy(actual).dtype).eps)
-    scale = float(np.max(np.abs(g), initial=0.0))
+    scale = float(np.max(np.abs(g), initial=0.0)) if magnitude is None else float(magnitude)
     err, base = float(np.max(np.abs(a - g), initial=0.0)), float(np.max(np.abs(b - g), initial=0.0))
     bound = factor * base + 8 * eps * scale
     if not err <= bound:

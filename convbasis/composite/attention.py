@@ -12,6 +12,7 @@ from typing import Any
 from array_api_compat import device
 
 from .._array import check_integer, validate_attention_inputs
+from .._capabilities import EagerOnlyError, traced
 from .operator import CompositeWarning, build
 
 __all__ = ["CompositeReport", "CompositeWarning", "composite_attention"]
@@ -113,6 +114,12 @@ def composite_attention(
         raise ValueError(f"target_error must be a number in (0, 1), got {target_error!r}")
     if not (_is_real(max_fraction) and 0 < max_fraction <= 1):
         raise ValueError(f"max_fraction must be a number in (0, 1], got {max_fraction!r}")
+    if (target_error is not None or return_report) and traced(q, k, v):
+        raise EagerOnlyError(
+            "composite_attention(return_report=True or target_error=...) is eager only: the "
+            "report and the budget loop read the error estimate back into Python; under "
+            "jax.jit call it without them"
+        )
     options = dict(causal=causal, scale=scale, block=block, sinks=sinks, heavy=heavy)
     budget = min(128, n) if budget is None else budget
     op, out = build(xp, q, k, v, budget=budget, **options)

@@ -116,7 +116,7 @@ class CompositeAttentionOperator(SquareProducts):
 
     @property
     def shape(self):
-        """``(*batch, n, n)``, the shape of :meth:`to_dense`."""
+        """``(*batch, n, n)``, the shape of ``to_dense()``."""
         return (*self.batch, self.layout.n, self.layout.n)
 
     @property

@@ -164,7 +164,7 @@ class MultipoleAttentionOperator(SquareProducts):
 
     @property
     def shape(self):
-        """``(*batch, n, n)``, the shape of :meth:`to_dense`."""
+        """``(*batch, n, n)``, the shape of ``to_dense()``."""
         return (*self.q.shape[:-2], self.n, self.n)
 
     def _setup(self, z, name):
