@@ -338,11 +338,12 @@ def index_add(xp, index, values, count):
         out = xp.zeros(shape, dtype=values.dtype, device=array_api_compat.device(values))
         return out.index_add(0, index, values)
     if array_api_compat.is_jax_namespace(xp):
-        return xp.zeros(shape, dtype=values.dtype).at[index].add(values)
+        out = xp.zeros(shape, dtype=values.dtype, device=array_api_compat.device(values))
+        return out.at[index].add(values)
     if array_api_compat.is_cupy_namespace(xp):
         import cupyx  # present wherever CuPy is
 
-        out = xp.zeros(shape, dtype=values.dtype)
+        out = xp.zeros(shape, dtype=values.dtype, device=array_api_compat.device(values))
         cupyx.scatter_add(out, index, values)
         return out
     dev = array_api_compat.device(values)

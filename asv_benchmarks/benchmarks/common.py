@@ -38,6 +38,26 @@ def best_time(func, repeat=3):
     return min(times)
 
 
+def interleaved(first, second, rounds=2):
+    """Best times of two callables, alternated ``rounds`` times (one process, same load)."""
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, func in enumerate((first, second)):
+            start = time.perf_counter()
+            func()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def torch_or_skip():
+    """torch, or ``NotImplementedError`` (asv's skip) when it is not installed."""
+    try:
+        import torch
+    except ImportError:
+        raise NotImplementedError("torch is not installed") from None
+    return torch
+
+
 def traced_peak(func):
     """Peak bytes allocated through Python/NumPy allocators while ``func()`` runs."""
     tracemalloc.start()

@@ -22,10 +22,12 @@ import numpy as np
 
 import convbasis as cb
 
-from .common import best_time, traced_peak
+from .common import best_time, interleaved, torch_or_skip, traced_peak
+from .peers import sdpa
 from .pretrained import exact, head_errors, heads
 
 D = 64
+SCALE = 1 / math.sqrt(D)
 BUDGET = 512
 SIZES = [2**12, 2**14, 2**16, 2**17]
 # Budgets of the accuracy table (docs/composite.rst): the one meeting each target.
@@ -37,31 +39,8 @@ def _inputs(n, seed=0):
     return tuple(rng.standard_normal((n, D)).astype(np.float32) for _ in range(3))
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise NotImplementedError("torch is not installed") from None
-    return torch
-
-
-def _sdpa(torch, q, k, v):
-    q4, k4, v4 = (torch.from_numpy(a)[None, None] for a in (q, k, v))
-    with torch.no_grad():
-        return torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, is_causal=True)
-
-
 def _composite(q, k, v):
     return cb.composite_attention(q, k, v, budget=BUDGET)
-
-
-def interleaved(ours, theirs, rounds=2):
-    """Best times of ``ours()`` and ``theirs()``, alternated ``rounds`` times."""
-    a, b = math.inf, math.inf
-    for _ in range(rounds):
-        a = min(a, best_time(ours, repeat=1))
-        b = min(b, best_time(theirs, repeat=1))
-    return a, b
 
 
 class CompositeSpeed:
@@ -102,12 +81,12 @@ class CompositePeer:
     warmup_time = 0.0
 
     def setup(self, n):
-        self.torch = _torch()
+        self.torch = torch_or_skip()
         self.arrays = _inputs(n)
 
     def track_speedup_over_sdpa(self, n):
         ours, theirs = interleaved(
-            lambda: _composite(*self.arrays), lambda: _sdpa(self.torch, *self.arrays)
+            lambda: _composite(*self.arrays), lambda: sdpa(self.torch, *self.arrays, scale=SCALE)
         )
         return theirs / ours
 
@@ -176,12 +155,12 @@ class CompositeAccuracy:
 def main(argv):
     part = argv[0] if argv else "speed"
     if part == "speed":
-        torch = _torch()
+        torch = torch_or_skip()
         for n in SIZES:
             arrays = _inputs(n)
             if n <= 2**16:
                 ours, theirs = interleaved(
-                    lambda a=arrays: _composite(*a), lambda a=arrays: _sdpa(torch, *a)
+                    lambda a=arrays: _composite(*a), lambda a=arrays: sdpa(torch, *a, scale=SCALE)
                 )
                 print(f"n = {n}: composite {ours:.3f} s, SDPA {theirs:.3f} s, {theirs / ours:.2f}x")
             else:

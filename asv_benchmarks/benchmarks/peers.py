@@ -23,7 +23,6 @@ records the rate of its useful arithmetic.  The suite skips without torch
 from __future__ import annotations
 
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -31,7 +30,7 @@ import numpy as np
 import convbasis as cb
 from convbasis.testing import rotary_conv_instance
 
-from .common import best_time
+from .common import best_time, interleaved, torch_or_skip
 
 D = 64
 LOWRANK_D = 8
@@ -39,12 +38,7 @@ LOWRANK_RADIUS = 2.0
 SEGMENTS = 16
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise NotImplementedError("torch is not installed") from None
-    return torch
+_torch = torch_or_skip
 
 
 def inputs(method, n, seed=0):
@@ -159,7 +153,7 @@ class PolynomialPeer:
         self.arrays = inputs("lowrank", n)[:3]
 
     def _pair(self):
-        return _interleaved(
+        return interleaved(
             lambda: forward("lowrank", *self.arrays),
             lambda: sdpa(self.torch, *self.arrays, scale=_scale("lowrank")),
         )
@@ -211,17 +205,6 @@ class PeerBackward:
         return theirs / ours
 
 
-def _interleaved(first, second, rounds=2):
-    """Best times of two callables, alternated ``rounds`` times."""
-    best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        for i, func in enumerate((first, second)):
-            start = time.perf_counter()
-            func()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
-
-
 def measure(sizes=(2**12, 2**14), backward_sizes=(2**12,)):
     """Print method and SDPA times and their ratio, forward and backward."""
     torch = _torch()
@@ -230,7 +213,7 @@ def measure(sizes=(2**12, 2**14), backward_sizes=(2**12,)):
     for n in sizes:
         for method in OPTIONS:
             q, k, v, _ = inputs(method, n)
-            ours, theirs = _interleaved(
+            ours, theirs = interleaved(
                 lambda m=method, q=q, k=k, v=v: forward(m, q, k, v),
                 lambda m=method, q=q, k=k, v=v: sdpa(torch, q, k, v, scale=_scale(m)),
             )
@@ -243,7 +226,7 @@ def measure(sizes=(2**12, 2**14), backward_sizes=(2**12,)):
         for method in ("conv", "multipole", "lowrank"):
             arrays = inputs(method, n)
             for gradient in ("exact-formula", "model"):
-                ours, theirs = _interleaved(
+                ours, theirs = interleaved(
                     lambda m=method, gr=gradient, a=arrays: backward(m, gr, *a),
                     lambda m=method, a=arrays: sdpa(torch, *a[:3], scale=_scale(m), grad=a[3]),
                 )
@@ -260,7 +243,7 @@ def measure_polynomial(sizes=(2**16, 2**17), rounds=3):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; causal, float32")
     for n in sizes:
         q, k, v, _ = inputs("lowrank", n)
-        ours, theirs = _interleaved(
+        ours, theirs = interleaved(
             lambda q=q, k=k, v=v: forward("lowrank", q, k, v),
             lambda q=q, k=k, v=v: sdpa(torch, q, k, v, scale=_scale("lowrank")),
             rounds=rounds,

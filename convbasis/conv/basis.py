@@ -352,7 +352,10 @@ def fit_conv_basis(h, k, /):
     change = xp.sum(xp.where(keep, (a - prev) ** 2, xp.zeros_like(a)), axis=-1)
     change = xp.reshape(change, (-1, n))
     change = xp.sum(change, axis=0)[1:]
-    order = xp.argsort(-change, stable=True) + 1 if n > 1 else xp.asarray([], dtype=xp.int64)
+    if n > 1:
+        order = xp.argsort(-change, stable=True) + 1
+    else:
+        order = xp.asarray([], dtype=xp.int64, device=device(change))
     chosen = sorted(int(j) for j in order[: min(k, n) - 1])
     starts = (0, *chosen)
     stops = (*starts[1:], n)
