@@ -52,17 +52,18 @@ from .polynomial import (
     lowrank_operator,
 )
 from .reference import (
-    SelfAttentionGradients,
     attention,
     attention_backward,
     attention_weights,
     multipole_reference,
     multipole_weights,
 )
+from .results import AttentionGradients, SelfAttentionGradients
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionGradients",
     "AttentionOperator",
     "CompositeAttentionOperator",
     "CompositeReport",

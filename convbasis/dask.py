@@ -53,6 +53,7 @@ from .multipole import multipole_attention
 from .operators import check_method
 from .polynomial import lowrank_attention
 from .reference import attention as _dense_attention
+from .results import AttentionGradients
 
 __all__ = ["attention", "attention_gradients"]
 
@@ -215,9 +216,11 @@ def _attention_block(q, k, v, *, method, causal, scale, options):
 
 
 def _gradients_block(q, k, v, g, *, method, gradient, causal, scale, options):
-    """The single-process gradients of ``method`` on one chunk: ``(dq, dk, dv)``."""
-    return _attention_gradients(
-        q, k, v, g, method=method, gradient=gradient, causal=causal, scale=scale, **options
+    """The single-process gradients of ``method`` on one chunk: the tuple ``(dq, dk, dv)``."""
+    return tuple(
+        _attention_gradients(
+            q, k, v, g, method=method, gradient=gradient, causal=causal, scale=scale, **options
+        )
     )
 
 
@@ -310,11 +313,11 @@ def attention_gradients(
 
     Returns
     -------
-    (dq, dk, dv) : Dask arrays
-        Lazy, shaped and chunked like ``q``, ``k``, ``v``, in the common floating dtype of
-        the four inputs.  The three come from one task per chunk: compute them together
-        (``dask.compute(dq, dk, dv)``), or the chunk's work runs once per output computed
-        separately.
+    AttentionGradients
+        ``dq, dk, dv``: Dask arrays, lazy, shaped and chunked like ``q``, ``k``, ``v``, in the
+        common floating dtype of the four inputs.  The three come from one task per chunk:
+        compute them together (``dask.compute(dq, dk, dv)``), or the chunk's work runs once
+        per output computed separately.
 
     Raises
     ------
@@ -350,7 +353,7 @@ def attention_gradients(
         meta=meta,
         token=f"convbasis-gradients-{method}",
     )
-    return tuple(
+    dq, dk, dv = (
         da.map_blocks(
             operator.getitem,
             tuples,
@@ -362,3 +365,4 @@ def attention_gradients(
         )
         for i, (a, name) in enumerate(zip((q, k, v), ("dq", "dk", "dv"), strict=True))
     )
+    return AttentionGradients(dq=dq, dk=dk, dv=dv)

@@ -12,14 +12,17 @@ gradient (``gradient="model"``) is method-specific and lives beside each method
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 from array_api_compat import device
 
 from ._array import check_last_dim, resolve_scale, sum_to_shape, validate_attention_inputs
 from ._capabilities import check_eager
+from .batching import batched_call
 from .operators import attention_operator, check_options
-from .reference import SelfAttentionGradients, _validate_self_attention
+from .reference import _validate_self_attention
+from .results import AttentionGradients, SelfAttentionGradients
 
 __all__ = [
     "GRADIENTS",
@@ -110,8 +113,7 @@ def _multipole_model(xp, q, k, v, g, *, given, **options):
     from .multipole import multipole_attention_backward
 
     # The gradients of supplied downsampling kernels: multipole_attention_backward itself.
-    grads = multipole_attention_backward(q, k, v, g, **options)
-    return grads.dq, grads.dk, grads.dv
+    return multipole_attention_backward(q, k, v, g, **options)
 
 
 def _composite_model(xp, q, k, v, g, *, given, **options):
@@ -144,9 +146,10 @@ def attention_gradients(
     gradient="exact-formula",
     causal=True,
     scale=None,
+    lengths=None,
     **method_options,
 ):
-    """``(dq, dk, dv)`` of ``L(O)`` for attention ``O`` with a structured ``f``.
+    """``dq, dk, dv`` of ``L(O)`` for attention ``O`` with a structured ``f``.
 
     Two meanings (docs/math.rst §7), never mixed:
 
@@ -166,20 +169,25 @@ def attention_gradients(
     v : array ``(..., n, e)``
     grad_out : array ``(..., n, e)``
         ``∂L/∂O``.  Leading (batch, head) axes broadcast.
-    method : {"dense", "lowrank", "conv", "multipole"}
+    method : {"dense", "lowrank", "conv", "multipole", "composite"}
         Structure of ``f``; ``method_options`` go to its constructor (see
         :func:`convbasis.operators.attention_operator`).
     gradient : {"exact-formula", "model"}
     causal : bool
     scale : float, optional
         Default ``1/sqrt(d)``.
+    lengths : int array ``(batch,)``, optional
+        Valid length of each sequence (first batch axis), as in :func:`convbasis.attention`:
+        the gradients of each sequence alone, truncated, zero beyond its length.  ``k`` and
+        ``v`` may have fewer heads than ``q`` (grouped-query attention).
 
     Returns
     -------
-    (dq, dk, dv)
-        Shaped like ``q``, ``k``, ``v``.  Exact-formula cost: that of the operator's products
-        (``O(n² d)`` dense, ``O(n r d²)`` low-rank, ``O(k n d² log n)`` conv basis,
-        ``O(n (m + p log n) d²)`` multipole); model cost: that of the method's forward.
+    AttentionGradients
+        ``dq, dk, dv`` shaped like ``q``, ``k``, ``v``.  Exact-formula cost: that of the
+        operator's products (``O(n² d)`` dense, ``O(n r d²)`` low-rank, ``O(k n d² log n)``
+        conv basis, ``O(n (m + p log n) d²)`` multipole); model cost: that of the method's
+        forward.
 
     Notes
     -----
@@ -192,13 +200,20 @@ def attention_gradients(
     then: the model's logits depend on ``K`` only through the keys at the segment starts.
     """
     check_eager("attention_gradients", q, k, v, grad_out, method=method)
+    check_options(method, method_options)
+    check_gradient(gradient)
+    call = functools.partial(
+        _gradients, method=method, gradient=gradient, causal=causal, scale=scale, **method_options
+    )
+    return batched_call(call, q, k, v, grad_out, lengths=lengths)
+
+
+def _gradients(q, k, v, grad_out, *, method, gradient, causal, scale, **method_options):
     given = (q, k)
     xp, q, k, v, g = validate_attention_inputs(
         q, k, v, causal=causal, extra=(grad_out,), extra_names=("grad_out",)
     )
     check_grad_out(q, v, g)
-    check_options(method, method_options)
-    check_gradient(gradient)
     s = resolve_scale(scale, q.shape[-1])
     if gradient == "model":
         model = _MODEL_GRADIENTS[method]
@@ -207,7 +222,8 @@ def attention_gradients(
         grads = _exact_formula(
             xp, q, k, v, g, method=method, causal=causal, scale=s, **method_options
         )
-    return tuple(sum_to_shape(xp, x, a.shape) for x, a in zip(grads, (q, k, v), strict=True))
+    dq, dk, dv = (sum_to_shape(xp, x, a.shape) for x, a in zip(grads, (q, k, v), strict=True))
+    return AttentionGradients(dq=dq, dk=dk, dv=dv)
 
 
 def self_attention_gradients(

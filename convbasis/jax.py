@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 
 from ._capabilities import EagerOnlyError
+from .batching import batched_call
 from .gradients import attention_gradients, check_gradient
 from .operators import attention_operator, check_options
 
@@ -104,14 +105,29 @@ def _vjp():
     return attend
 
 
-def attention(q, k, v, /, *, method="dense", causal=True, scale=None, gradient="model", **options):
+def attention(
+    q,
+    k,
+    v,
+    /,
+    *,
+    method="dense",
+    causal=True,
+    scale=None,
+    gradient="model",
+    lengths=None,
+    **options,
+):
     """Attention ``O = f V`` with the chosen structure, differentiable by ``jax.grad``.
 
     Parameters
     ----------
     q, k : arrays ``(..., n, d)``
     v : array ``(..., m, e)``
-        Leading (batch, head) axes broadcast, as in :func:`convbasis.attention_operator`.
+        Leading (batch, head) axes broadcast, as in :func:`convbasis.attention_operator`;
+        ``k`` and ``v`` may have fewer heads (axis ``-3``) than ``q``: grouped-query
+        attention.  The layout is ``(batch, heads, n, d)``; ``jax.nn.dot_product_attention``
+        takes ``(batch, n, heads, d)``: swap the axes first.
     method : str
         Any name in ``convbasis.operators.METHODS`` (``"dense"``, ``"lowrank"``, ``"conv"``,
         ``"multipole"``, ...); ``options`` go to its constructor (``rank=`` for conv, ``eps=``
@@ -125,6 +141,10 @@ def attention(q, k, v, /, *, method="dense", causal=True, scale=None, gradient="
         exact gradient of this forward; ``"exact-formula"`` puts the method's ``f̃`` into the
         gradient formulas of exact attention (not the gradient of this forward unless
         ``method="dense"``).
+    lengths : int array or sequence ``(batch,)``, optional
+        Valid length of each sequence (first batch axis), concrete (static under ``jax.jit``):
+        each sequence is attended alone, truncated, and output rows beyond its length are
+        zero (docs: "Conventions").
 
     Returns
     -------
@@ -147,4 +167,12 @@ def attention(q, k, v, /, *, method="dense", causal=True, scale=None, gradient="
     check_options(method, options)
     check_gradient(gradient)
     settings = (method, causal, scale, gradient, tuple(sorted(options.items())))
-    return attend(settings, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    # Grouped heads and lengths are reshapes, gathers and slices around the custom rule, so
+    # JAX differentiates them itself (the group sums of dk, dv included).
+    return batched_call(
+        functools.partial(attend, settings),
+        jnp.asarray(q),
+        jnp.asarray(k),
+        jnp.asarray(v),
+        lengths=lengths,
+    )

@@ -17,6 +17,7 @@ rank above ``max_rank`` (by default: what
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from ._array import (
     validate_qk,
 )
 from ._capabilities import check_eager
+from .batching import batched_call
 from .causal import masked_product
 from .exp_approximation import (
     _check_degree,
@@ -497,6 +499,7 @@ def lowrank_attention(
     kind="chebyshev",
     scale=None,
     max_rank=None,
+    lengths=None,
 ):
     """Softmax attention through the polynomial factors: ``O = D̃⁻¹ Ã V``, ``Ã = φ(Q) ψ(K)ᵀ``.
 
@@ -515,6 +518,8 @@ def lowrank_attention(
     causal : bool
     eps, degree, kind, scale, max_rank
         As in :func:`lowrank_factors`.
+    lengths : int array ``(batch,)``, optional
+        As in :func:`convbasis.attention` (the polynomial is chosen per distinct length).
 
     Returns
     -------
@@ -522,9 +527,16 @@ def lowrank_attention(
         ``O(n r (e + 1) + n b (d + g + e))`` time, ``r = C(d+g, g)``; ``O(B (r' b + r e))``
         memory per thread beyond inputs and output, for blocks of
         ``b = min(2^19 / (B r'), 256)`` rows, ``r' = C(d+g−2, g−2)`` the monomials built
-        and ``B`` the batch size.  NumPy pipelines the blocks over threads.
+        and ``B`` the batch size.  NumPy pipelines the blocks over threads.  ``k`` and ``v``
+        may have fewer heads than ``q`` (grouped-query attention).
     """
     check_eager("lowrank_attention", q, k)
+    options = {"eps": eps, "degree": degree, "kind": kind, "max_rank": max_rank}
+    call = functools.partial(_attention, causal=causal, scale=scale, **options)
+    return batched_call(call, q, k, v, lengths=lengths)
+
+
+def _attention(q, k, v, *, causal, eps, degree, kind, scale, max_rank):
     xp, q, k, v = validate_attention_inputs(q, k, v, causal=causal)
     s = resolve_scale(scale, q.shape[-1])
     poly = _choose_polynomial(xp, q, k, s, eps, degree, kind, max_rank)

@@ -10,8 +10,7 @@ A ``block`` option processes queries ``block`` rows at a time, keeping memory at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import functools
 
 import array_api_extra as xpx
 from array_api_compat import device
@@ -26,7 +25,9 @@ from ._array import (
     sum_to_shape,
     validate_attention_inputs,
 )
+from .batching import batched_call
 from .multipole.geometry import PARAMS_DOC, broadcast_and_pad, geometry, prepare
+from .results import AttentionGradients, SelfAttentionGradients
 
 __all__ = [
     "SelfAttentionGradients",
@@ -38,30 +39,6 @@ __all__ = [
     "multipole_weights",
     "self_attention_gradients",
 ]
-
-
-@dataclass(frozen=True)
-class SelfAttentionGradients:
-    """Gradients of ``L(O)`` for ``O = softmax(s · X W_Q W_Kᵀ Xᵀ) X W_V`` (docs/math.rst §3).
-
-    Attributes
-    ----------
-    terms : tuple of 5 arrays, each ``(..., n, d_model)``
-        ``T1 … T5`` of docs/math.rst §3; they sum to ``dx``.
-    dx : array ``(..., n, d_model)``
-        ``∂L/∂X``.
-    dw : array ``(..., d_model, d_model)``
-        ``∂L/∂W`` for the product ``W = W_Q W_Kᵀ``.
-    dw_q, dw_k, dw_v : arrays shaped like ``w_q``, ``w_k``, ``w_v``
-        Weight gradients (summed over any axis the weight was broadcast along).
-    """
-
-    terms: tuple[Any, Any, Any, Any, Any]
-    dx: Any
-    dw: Any
-    dw_q: Any
-    dw_k: Any
-    dw_v: Any
 
 
 def _check_block(block, n):
@@ -115,7 +92,7 @@ def attention_weights(q, k, /, *, causal=True, scale=None):
     return _weights(xp, q, k, resolve_scale(scale, q.shape[-1]), causal, 0)
 
 
-def attention(q, k, v, /, *, causal=True, scale=None, block=None):
+def attention(q, k, v, /, *, causal=True, scale=None, block=None, lengths=None):
     """Exact softmax attention ``O = softmax(s · Q Kᵀ) V`` (masked if ``causal``).
 
     Parameters
@@ -130,12 +107,27 @@ def attention(q, k, v, /, *, causal=True, scale=None, block=None):
         Logit scale ``s``; default ``1/sqrt(d)``.
     block : int, optional
         Process this many query rows at a time (memory ``O(block · m)``); default all.
+    lengths : int array ``(batch,)``, optional
+        Valid length of each sequence along the first batch axis (``n == m``): the result is
+        that of each sequence alone, truncated, with zero rows beyond its length
+        (docs: "Conventions").
 
     Returns
     -------
     array ``(..., n, e)``
-        In the common floating dtype of the inputs.  ``O(n m (d + e))`` time.
+        In the common floating dtype of the inputs.  ``O(n m (d + e))`` time.  ``k`` and
+        ``v`` may have fewer heads (axis ``-3``) than ``q``: grouped-query attention.
     """
+    return batched_call(
+        functools.partial(_attention, causal=causal, scale=scale, block=block),
+        q,
+        k,
+        v,
+        lengths=lengths,
+    )
+
+
+def _attention(q, k, v, *, causal, scale, block):
     xp, q, k, v = validate_attention_inputs(q, k, v, causal=causal)
     scale = resolve_scale(scale, q.shape[-1])
     block = _check_block(block, q.shape[-2])
@@ -147,7 +139,7 @@ def attention(q, k, v, /, *, causal=True, scale=None, block=None):
     return out[0] if len(out) == 1 else xp.concat(out, axis=-2)
 
 
-def attention_backward(q, k, v, grad_out, /, *, causal=True, scale=None, block=None):
+def attention_backward(q, k, v, grad_out, /, *, causal=True, scale=None, block=None, lengths=None):
     """Gradients of ``L(O)`` for ``O = attention(q, k, v)`` given ``grad_out = ∂L/∂O``.
 
     With ``f`` the attention weights, ``δ = rowsum(G ∘ O)`` and ``P = f ∘ (G Vᵀ) − diag(δ) f``
@@ -157,15 +149,26 @@ def attention_backward(q, k, v, grad_out, /, *, causal=True, scale=None, block=N
     ----------
     q, k, v : arrays ``(..., n, d)``, ``(..., m, d)``, ``(..., m, e)``
     grad_out : array ``(..., n, e)``
-    causal, scale, block
+    causal, scale, block, lengths
         As in :func:`attention`.
 
     Returns
     -------
-    (dq, dk, dv)
-        Shaped like ``q``, ``k``, ``v`` (summed over broadcast axes).  ``O(n m (d + e))``
-        time, ``O(block · m)`` memory beyond inputs and outputs.
+    AttentionGradients
+        ``dq, dk, dv`` shaped like ``q``, ``k``, ``v`` (summed over broadcast axes).
+        ``O(n m (d + e))`` time, ``O(block · m)`` memory beyond inputs and outputs.
     """
+    return batched_call(
+        functools.partial(_attention_backward, causal=causal, scale=scale, block=block),
+        q,
+        k,
+        v,
+        grad_out,
+        lengths=lengths,
+    )
+
+
+def _attention_backward(q, k, v, grad_out, *, causal, scale, block):
     xp, q, k, v, grad_out = validate_attention_inputs(
         q, k, v, causal=causal, extra=(grad_out,), extra_names=("grad_out",)
     )
@@ -191,10 +194,10 @@ def attention_backward(q, k, v, grad_out, /, *, causal=True, scale=None, block=N
         dk = xpx.at(dk)[..., :keys, :].add(scale * (xp.matrix_transpose(p) @ q_b))
         dv = xpx.at(dv)[..., :keys, :].add(xp.matrix_transpose(f) @ g_b)
     dq = dq[0] if len(dq) == 1 else xp.concat(dq, axis=-2)
-    return (
-        sum_to_shape(xp, dq, q.shape),
-        sum_to_shape(xp, dk, k.shape),
-        sum_to_shape(xp, dv, v.shape),
+    return AttentionGradients(
+        dq=sum_to_shape(xp, dq, q.shape),
+        dk=sum_to_shape(xp, dk, k.shape),
+        dv=sum_to_shape(xp, dv, v.shape),
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 
+from .batching import batched_call
 from .gradients import attention_gradients, check_gradient
 from .operators import attention_operator, check_options
 
@@ -34,9 +35,12 @@ def _function():
         # Function.apply runs forward in no-grad mode and once_differentiable runs backward
         # under torch.no_grad(), so the library's refusal of tracked tensors does not fire.
         @staticmethod
-        def forward(q, k, v, method, causal, scale, gradient, options):
-            op = attention_operator(q, k, method=method, causal=causal, scale=scale, **options)
-            return op.matmul(v)
+        def forward(q, k, v, method, causal, scale, gradient, options, lengths):
+            def attend(q, k, v):
+                op = attention_operator(q, k, method=method, causal=causal, scale=scale, **options)
+                return op.matmul(v)
+
+            return batched_call(attend, q, k, v, lengths=lengths)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -48,7 +52,7 @@ def _function():
         @once_differentiable
         def backward(ctx, grad_out):
             q, k, v = ctx.saved_tensors
-            method, causal, scale, gradient, options = ctx.settings
+            method, causal, scale, gradient, options, lengths = ctx.settings
             grads = attention_gradients(
                 q,
                 k,
@@ -58,6 +62,7 @@ def _function():
                 gradient=gradient,
                 causal=causal,
                 scale=scale,
+                lengths=lengths,
                 **options,
             )
             # The library returns the inputs' common dtype; autograd wants each input's own.
@@ -65,19 +70,34 @@ def _function():
                 grad.to(x.dtype) if needed else None
                 for grad, x, needed in zip(grads, (q, k, v), ctx.needs_input_grad[:3], strict=True)
             )
-            return dq, dk, dv, None, None, None, None, None
+            return dq, dk, dv, None, None, None, None, None, None
 
     return Attention
 
 
-def attention(q, k, v, /, *, method="dense", causal=True, scale=None, gradient="model", **options):
+def attention(
+    q,
+    k,
+    v,
+    /,
+    *,
+    method="dense",
+    causal=True,
+    scale=None,
+    gradient="model",
+    lengths=None,
+    **options,
+):
     """Attention ``O = f V`` with the chosen structure, differentiable by torch autograd.
 
     Parameters
     ----------
     q, k : tensors ``(..., n, d)``
     v : tensor ``(..., m, e)``
-        Leading (batch, head) axes broadcast, as in :func:`convbasis.attention_operator`.
+        Leading (batch, head) axes broadcast, as in :func:`convbasis.attention_operator`;
+        ``k`` and ``v`` may have fewer heads (axis ``-3``) than ``q``: grouped-query attention,
+        like SDPA's ``enable_gqa=True``.  The layout is ``(batch, heads, n, d)``, as for SDPA;
+        transpose flash-attn's ``(batch, n, heads, d)`` first.
     method : str
         Any name in ``convbasis.operators.METHODS`` (``"dense"``, ``"lowrank"``, ``"conv"``,
         ``"multipole"``, ...); ``options`` go to its constructor (``rank=`` for conv, ``eps=``
@@ -114,4 +134,4 @@ def attention(q, k, v, /, *, method="dense", causal=True, scale=None, gradient="
             raise TypeError(f"{name} must be a torch.Tensor, got {type(a).__name__}")
     check_options(method, options)
     check_gradient(gradient)
-    return function.apply(q, k, v, method, causal, scale, gradient, options)
+    return function.apply(q, k, v, method, causal, scale, gradient, options, lengths)

@@ -21,6 +21,7 @@ MODULES = {"": cb, "transformer.": T, "dask.": convbasis.dask}
 # Public names that compute nothing themselves: errors, warnings, the protocol, result and
 # parameter containers, option tables.
 UNDECLARED = {
+    "AttentionGradients",
     "AttentionOperator",
     "CompositeReport",
     "CompositeWarning",
@@ -198,6 +199,8 @@ def _run(name, method, built, arrays):
 
 
 def _leaves(out):
+    if isinstance(out, cb.AttentionGradients):
+        return list(out)
     if isinstance(out, dict):
         return [v for value in out.values() for v in _leaves(value)]
     if isinstance(out, (tuple, list)):

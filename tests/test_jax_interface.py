@@ -244,3 +244,31 @@ def test_second_derivatives_where_the_backward_traces(method):
     else:
         with pytest.raises(ValueError, match="callbacks do not support JVP"):
             check_grads(attend, (q, k, v), order=2, modes=["rev"])
+
+
+@pytest.mark.parametrize("method", ["dense", "composite", "conv"])
+def test_grouped_heads_and_lengths_under_jit(method):
+    """Grouped-query heads and static lengths: each sequence alone, heads repeated."""
+    options = CASES[method]
+    q = inputs(shape=(2, 4, 8, 4))[0]
+    k, v = inputs(shape=(2, 2, 8, 4), seed=1)[:2]
+    lengths = (8, 3)
+
+    def attend(q, k, v):
+        return cbj.attention(q, k, v, method=method, lengths=lengths, **options)
+
+    out = jax.jit(attend)(q, k, v)
+    rep = [np.repeat(np.asarray(a), 2, axis=1) for a in (k, v)]
+    for b, size in enumerate(lengths):
+        alone = convbasis.attention_operator(
+            np.asarray(q)[b, :, :size], rep[0][b, :, :size], method=method, **options
+        ).matmul(rep[1][b, :, :size])
+        np.testing.assert_allclose(np.asarray(out)[b, :, :size], alone, rtol=1e-12, atol=1e-13)
+        assert np.all(np.asarray(out)[b, :, size:] == 0)
+    check_grads(attend, (q, k, v), order=1, modes=("rev",))
+
+
+def test_traced_lengths_are_refused():
+    q, k, v = inputs(shape=(2, 1, 8, 4))
+    with pytest.raises(TypeError, match="lengths must be concrete"):
+        jax.jit(lambda q, k, v, n: cbj.attention(q, k, v, lengths=n))(q, k, v, jnp.array([8, 3]))

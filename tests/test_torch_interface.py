@@ -219,3 +219,47 @@ def test_operator_products_refuse_tracked_operands():
     with pytest.raises(TypeError, match="requires_grad=True"):
         op.matmul(v)
     torch.testing.assert_close(op.matmul(v.detach()), convbasis.attention(*detached(q, k, v)))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_grouped_heads_and_lengths_match_sdpa(causal):
+    """GQA as SDPA's ``enable_gqa``; lengths as a key-padding mask with padded rows zeroed."""
+    rng = np.random.default_rng(3)
+    q, k, v = (
+        torch.tensor(rng.uniform(-1, 1, (2, h, 8, 4)), dtype=torch.float64).requires_grad_()
+        for h in (6, 2, 2)
+    )
+    lengths = torch.tensor([8, 5])
+    g = torch.tensor(rng.standard_normal((2, 6, 8, 4)))
+    out = cbt.attention(q, k, v, causal=causal, lengths=lengths)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    valid = torch.arange(8)[None, :] < lengths[:, None]  # (B, n)
+    mask = valid[:, None, None, :]
+    if causal:
+        mask = mask & torch.ones(8, 8, dtype=torch.bool).tril()
+    # padded query rows keep their diagonal key (SDPA needs a finite row); they are zeroed
+    mask = mask | torch.eye(8, dtype=torch.bool)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=True
+    )
+    sdpa = sdpa * valid[:, None, :, None]
+    expected = torch.autograd.grad(sdpa, (q, k, v), g)
+    torch.testing.assert_close(out, sdpa, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
+@approximate_conv
+@pytest.mark.parametrize("case", ["lowrank", "conv", "multipole", "composite"])
+def test_gradcheck_grouped_heads_and_lengths(case):
+    method, options = METHOD_OF[case], CASES[case]
+    rng = np.random.default_rng(4)
+    q, k, v = (
+        torch.tensor(rng.uniform(-1, 1, (2, h, 8, 4)), dtype=torch.float64).requires_grad_()
+        for h in (4, 2, 2)
+    )
+
+    def attend(q, k, v):
+        return cbt.attention(q, k, v, method=method, lengths=(8, 3), **options)
+
+    assert torch.autograd.gradcheck(attend, (q, k, v), fast_mode=True)

@@ -25,6 +25,7 @@ from .._array import (
     validate_qk,
 )
 from .._capabilities import check_eager
+from ..batching import batched_call
 from ..operators import check_operands, hadamard_product
 from ._fft import c_product, segment_index, valid_mask
 from .basis import ConvBasis, _masked_max
@@ -306,7 +307,18 @@ def conv_operator(q, k, /, *, rank, causal=True, probe=1, delta=None, scale=None
 
 
 def conv_attention(
-    q, k, v, /, *, rank, causal=True, probe=1, delta=None, scale=None, tolerance=None
+    q,
+    k,
+    v,
+    /,
+    *,
+    rank,
+    causal=True,
+    probe=1,
+    delta=None,
+    scale=None,
+    tolerance=None,
+    lengths=None,
 ):
     """Conv-basis attention ``O = D⁻¹ C V`` (docs/math.rst §4).
 
@@ -332,14 +344,24 @@ def conv_attention(
         As in :func:`recover_conv_basis`.
     tolerance : float, optional
         As in :func:`conv_operator`.
+    lengths : int array ``(batch,)``, optional
+        As in :func:`convbasis.attention`: each sequence's basis is recovered from its own
+        valid tokens.
 
     Returns
     -------
     array ``(..., n, e)``
         ``O(rank (n (d + e) log n))`` time, ``O(n (e + rank))`` memory beyond the inputs,
-        plus ``O(n (d + e))`` per recomputed row.
+        plus ``O(n (d + e))`` per recomputed row.  ``k`` and ``v`` may have fewer heads
+        than ``q`` (grouped-query attention).
     """
     check_eager("conv_attention", q, k)
+    options = {"rank": rank, "causal": causal, "probe": probe, "delta": delta}
+    call = functools.partial(_attention, scale=scale, tolerance=tolerance, **options)
+    return batched_call(call, q, k, v, lengths=lengths)
+
+
+def _attention(q, k, v, *, rank, causal, probe, delta, scale, tolerance):
     # recovery in the precision that q, k carry
     xp, q, k = validate_qk(q, k, causal=causal, same_length="the k-conv basis")
     _, _, _, v = validate_attention_inputs(q, k, v, causal=False)  # v in the common dtype

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import device
 
 from .._array import resolve_scale, sum_to_shape
+from ..batching import batched_call
 from ..operators import SquareProducts, check_operands
+from ..results import AttentionGradients
 from .geometry import broadcast_and_pad, document_params, geometry, prepare
 from .levels import forward, iter_levels
 
@@ -23,7 +26,7 @@ __all__ = [
 
 @document_params
 def multipole_attention(
-    q, k, v, /, *, block=64, basis=4, causal=True, downsample="mean", scale=None
+    q, k, v, /, *, block=64, basis=4, causal=True, downsample="mean", scale=None, lengths=None
 ):
     """Fast Multipole Attention ``O = f V`` (docs/math.rst §6).
 
@@ -34,12 +37,31 @@ def multipole_attention(
         Leading (batch/head) axes broadcast.  Any ``n >= 1``: padded as described in the
         module docstring, padded keys get zero weight and padded query rows are dropped.
     {params}
+    lengths : int array ``(batch,)``, optional
+        As in :func:`convbasis.attention` (``downsample="mean"`` only: supplied kernels are
+        tied to the padded length).
 
     Returns
     -------
     array ``(..., n, e)``
-        ``O(n (m + p log(n/m)) (d + e))`` time, ``O(n (m + d + e))`` memory.
+        ``O(n (m + p log(n/m)) (d + e))`` time, ``O(n (m + d + e))`` memory.  ``k`` and ``v``
+        may have fewer heads than ``q`` (grouped-query attention).
     """
+    options = {"block": block, "basis": basis, "causal": causal, "downsample": downsample}
+    _check_lengths_kernels(lengths, downsample)
+    call = functools.partial(_attention, scale=scale, **options)
+    return batched_call(call, q, k, v, lengths=lengths)
+
+
+def _check_lengths_kernels(lengths, downsample):
+    if lengths is not None and not (isinstance(downsample, str) and downsample == "mean"):
+        raise ValueError(
+            "lengths= needs downsample='mean': supplied downsampling kernels, one per level, "
+            "are tied to the padded length, which each sequence length changes"
+        )
+
+
+def _attention(q, k, v, *, block, basis, causal, downsample, scale):
     xp, geo, (q, k, v), kernels = prepare(
         (q, k, v),
         ("q", "k", "v"),
@@ -54,27 +76,24 @@ def multipole_attention(
     return out[..., : geo.n, :]
 
 
-@dataclass(frozen=True)
-class MultipoleGradients:
-    """Gradients of ``L(O)`` for ``O = multipole_attention(q, k, v, ...)``.
-
-    Attributes
-    ----------
-    dq, dk, dv : arrays shaped like ``q``, ``k``, ``v``
-        Summed over the axes each input was broadcast along.
-    ddownsample : tuple of ``(c_ℓ,)`` arrays, or ``None``
-        Gradients of the supplied ``downsample`` kernels (``None`` for ``"mean"``).
-    """
-
-    dq: Any
-    dk: Any
-    dv: Any
-    ddownsample: tuple[Any, ...] | None
+MultipoleGradients = AttentionGradients
+"""The name of :class:`convbasis.AttentionGradients` in convbasis 0.1, kept for scripts."""
 
 
 @document_params
 def multipole_attention_backward(
-    q, k, v, grad_out, /, *, block=64, basis=4, causal=True, downsample="mean", scale=None
+    q,
+    k,
+    v,
+    grad_out,
+    /,
+    *,
+    block=64,
+    basis=4,
+    causal=True,
+    downsample="mean",
+    scale=None,
+    lengths=None,
 ):
     """Gradients of FMA with respect to ``q``, ``k``, ``v`` and the downsampling kernels.
 
@@ -89,13 +108,22 @@ def multipole_attention_backward(
     grad_out : array ``(..., n, e)``
         ``∂L/∂O``.
     {params}
+    lengths : int array ``(batch,)``, optional
+        As in :func:`multipole_attention`.
 
     Returns
     -------
-    MultipoleGradients
-        Same cost as :func:`multipole_attention` (about three times the work); no ``n × n``
-        array.
+    AttentionGradients
+        With ``ddownsample``, the kernels' gradients (``None`` for ``"mean"``).  Same cost as
+        :func:`multipole_attention` (about three times the work); no ``n × n`` array.
     """
+    options = {"block": block, "basis": basis, "causal": causal, "downsample": downsample}
+    _check_lengths_kernels(lengths, downsample)
+    call = functools.partial(_attention_backward, scale=scale, **options)
+    return batched_call(call, q, k, v, grad_out, lengths=lengths)
+
+
+def _attention_backward(q, k, v, grad_out, *, block, basis, causal, downsample, scale):
     xp, geo, (q, k, v, g), kernels = prepare(
         (q, k, v, grad_out),
         ("q", "k", "v", "grad_out"),
@@ -126,7 +154,7 @@ def multipole_attention_backward(
         if lev.level and kernels is not None:
             dkernels.append(lev.kernel_grad(dkeys, kp) + lev.kernel_grad(dvalues, vp))
     n = geo.n
-    return MultipoleGradients(
+    return AttentionGradients(
         dq=sum_to_shape(xp, dq[..., :n, :], q.shape),
         dk=sum_to_shape(xp, dk[..., :n, :], k.shape),
         dv=sum_to_shape(xp, dv[..., :n, :], v.shape),
