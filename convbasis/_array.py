@@ -38,6 +38,7 @@ __all__ = [
     "scan_blocks",
     "single_threaded_blas",
     "sum_to_shape",
+    "upcast_half",
     "validate_attention_inputs",
     "validate_qk",
 ]
@@ -111,6 +112,17 @@ def as_floating(xp, arrays, names):
             raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
     dtype = xp.result_type(*arrays)
     return tuple(a if a.dtype == dtype else xp.astype(a, dtype) for a in arrays)
+
+
+def upcast_half(xp, *arrays):
+    """``arrays`` with float16/bfloat16 ones in float32 (float32 and float64 pass through).
+
+    For the FFT paths: torch's CPU FFT has no half-precision kernel, and a conv basis's
+    normaliser (a sum of up to ``n`` weights) overflows float16 from ``n = 2^16``.
+    """
+    return tuple(
+        a if a.dtype in (xp.float32, xp.float64) else xp.astype(a, xp.float32) for a in arrays
+    )
 
 
 def check_rows(x, name, *, min_ndim=2):

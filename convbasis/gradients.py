@@ -222,7 +222,11 @@ def _gradients(q, k, v, grad_out, *, method, gradient, causal, scale, **method_o
         grads = _exact_formula(
             xp, q, k, v, g, method=method, causal=causal, scale=s, **method_options
         )
-    dq, dk, dv = (sum_to_shape(xp, x, a.shape) for x, a in zip(grads, (q, k, v), strict=True))
+    # A method that computes half precision in float32 (conv) returns it in the inputs' dtype.
+    dq, dk, dv = (
+        xp.astype(sum_to_shape(xp, x, a.shape), q.dtype)
+        for x, a in zip(grads, (q, k, v), strict=True)
+    )
     return AttentionGradients(dq=dq, dk=dk, dv=dv)
 
 

@@ -38,7 +38,10 @@ def _function():
         def forward(q, k, v, method, causal, scale, gradient, options, lengths):
             def attend(q, k, v):
                 op = attention_operator(q, k, method=method, causal=causal, scale=scale, **options)
-                return op.matmul(v)
+                # a conv operator built from half precision holds float32 (its FFT needs it)
+                return op.matmul(v).to(
+                    torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+                )
 
             return batched_call(attend, q, k, v, lengths=lengths)
 

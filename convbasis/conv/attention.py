@@ -21,6 +21,7 @@ from array_api_compat import device
 
 from .._array import (
     namespace,
+    upcast_half,
     validate_attention_inputs,
     validate_qk,
 )
@@ -289,7 +290,9 @@ def conv_operator(q, k, /, *, rank, causal=True, probe=1, delta=None, scale=None
         As in :func:`recover_conv_basis` (``eps = 0``).
     tolerance : float, optional
         Rows whose predicted relative FFT error ``noise / D_r`` exceeds this are recomputed
-        exactly; default ``sqrt(eps_dtype)``.  Rows with ``D_r <= noise`` (not resolved at
+        exactly; default ``sqrt(eps_dtype)``.  float16/bfloat16 ``q``, ``k`` build a float32
+        operator (the FFT and the normaliser's sums need its range), whose products return
+        float32.  Rows with ``D_r <= noise`` (not resolved at
         all) or a non-finite ``D_r`` are always recomputed, so ``math.inf`` (or any value
         ``>= 1``) recomputes only those: never NaN/inf, and every kept row has relative
         error below about 2.
@@ -301,6 +304,7 @@ def conv_operator(q, k, /, *, rank, causal=True, probe=1, delta=None, scale=None
     """
     check_eager("conv_operator", q, k)
     xp, q, k = validate_qk(q, k, causal=causal, same_length="the k-conv basis")
+    q, k = upcast_half(xp, q, k)
     tol = _tolerance(xp, q.dtype, tolerance)
     op, _ = _build(xp, q, k, rank, causal, probe, delta, scale, tol)
     return op
@@ -364,9 +368,10 @@ def conv_attention(
 def _attention(q, k, v, *, rank, causal, probe, delta, scale, tolerance):
     # recovery in the precision that q, k carry
     xp, q, k = validate_qk(q, k, causal=causal, same_length="the k-conv basis")
-    _, _, _, v = validate_attention_inputs(q, k, v, causal=False)  # v in the common dtype
+    _, _, _, like = validate_attention_inputs(q, k, v, causal=False)  # v in the common dtype
+    q, k, v = upcast_half(xp, q, k, like)
     tol = _tolerance(xp, q.dtype, tolerance)
     op, prod = _build(xp, q, k, rank, causal, probe, delta, scale, tol, with_values=v)
     # In place: prod is our own intermediate, and a fresh (e, n) array costs its page faults.
     prod /= op.normaliser[..., None, :]
-    return _as_dtype_of(xp, op.exact_rows.matmul_rows(xp.matrix_transpose(prod), v), v)
+    return _as_dtype_of(xp, op.exact_rows.matmul_rows(xp.matrix_transpose(prod), v), like)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import array_api_extra as xpx
 from array_api_compat import device
 
-from .._array import fast_length
+from .._array import fast_length, upcast_half
 from ._fft import _DIRECT_SEGMENT, signal, spectrum
 from .attention import conv_operator
 
@@ -158,6 +158,7 @@ def model_gradients(xp, q, k, v, g, *, causal, scale, given=None, **options):
     rows, ``O(n (d + e))`` each).
     """
     op = conv_operator(*(given or (q, k)), causal=causal, scale=scale, **options)
+    q, k, v, g = upcast_half(xp, q, k, v, g)  # as the operator is (its FFT needs float32)
     batch = xp.broadcast_shapes(op.shape[:-2], v.shape[:-2], g.shape[:-2])
     q, k, v, g = (xp.broadcast_to(a, (*batch, *a.shape[-2:])) for a in (q, k, v, g))
     out = op.matmul(v)
