@@ -37,6 +37,7 @@ __all__ = [
     "rfft",
     "scan_blocks",
     "single_threaded_blas",
+    "stacked_matmul",
     "sum_to_shape",
     "upcast_half",
     "validate_attention_inputs",
@@ -378,6 +379,18 @@ def map_chunks(xp, func, ranges):
     if array_api_compat.is_numpy_namespace(xp):
         return _numpy.map_chunks(func, ranges)
     return [func(lo, hi) for lo, hi in ranges]
+
+
+def stacked_matmul(xp, a, b):
+    """``a @ b`` for stacks of small matrices, ``(..., G, r, c) @ (..., G, c, t)``.
+
+    NumPy splits the stack axis over threads with BLAS held to one thread
+    (:func:`convbasis._numpy.stacked_matmul`): BLAS's own threads on each small product only
+    contend on a busy machine.  Other libraries: ``a @ b``.
+    """
+    if array_api_compat.is_numpy_namespace(xp) and max(a.ndim, b.ndim) >= 3:
+        return _numpy.stacked_matmul(a, b)
+    return a @ b
 
 
 def single_threaded_blas(xp):

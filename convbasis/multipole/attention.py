@@ -8,7 +8,7 @@ from typing import Any
 
 from array_api_compat import device
 
-from .._array import resolve_scale, sum_to_shape
+from .._array import resolve_scale, stacked_matmul, sum_to_shape
 from ..batching import batched_call
 from ..operators import SquareProducts, check_operands
 from ..results import AttentionGradients
@@ -144,11 +144,11 @@ def _attention_backward(q, k, v, grad_out, *, block, basis, causal, downsample, 
         keys, values = lev.gather(kp), lev.gather(vp)
         w = lev.weights(lev.logits(qp, keys, scale), lse)
         g3 = lev.split(gp)
-        dp = xp.reshape(g3 @ xp.matrix_transpose(values), w.shape)
+        dp = xp.reshape(stacked_matmul(xp, g3, xp.matrix_transpose(values)), w.shape)
         ds = lev.flat(w * (dp - xp.reshape(delta, (*w.shape[:-1], 1))))
-        dq = dq + scale * xp.reshape(ds @ keys, qp.shape)
-        dkeys = scale * (xp.matrix_transpose(ds) @ lev.split(qp))
-        dvalues = xp.matrix_transpose(lev.flat(w)) @ g3
+        dq = dq + scale * xp.reshape(stacked_matmul(xp, ds, keys), qp.shape)
+        dkeys = scale * stacked_matmul(xp, xp.matrix_transpose(ds), lev.split(qp))
+        dvalues = stacked_matmul(xp, xp.matrix_transpose(lev.flat(w)), g3)
         dk = dk + lev.scatter(dkeys)
         dv = dv + lev.scatter(dvalues)
         if lev.level and kernels is not None:
@@ -214,7 +214,7 @@ class MultipoleAttentionOperator(SquareProducts):
         xp, geo, q, k, lse, zp = self._setup(z, "z")
         out = 0
         for lev, w in self._terms(xp, geo, q, k, lse):
-            o = lev.flat(w) @ lev.gather(zp)
+            o = stacked_matmul(xp, lev.flat(w), lev.gather(zp))
             out = out + xp.reshape(o, (*o.shape[:-3], geo.padded, zp.shape[-1]))
         return out[..., : self.n, :]
 
@@ -223,7 +223,9 @@ class MultipoleAttentionOperator(SquareProducts):
         xp, geo, q, k, lse, zp = self._setup(z, "z")
         out = 0
         for lev, w in self._terms(xp, geo, q, k, lse):
-            out = out + lev.scatter(xp.matrix_transpose(lev.flat(w)) @ lev.split(zp))
+            out = out + lev.scatter(
+                stacked_matmul(xp, xp.matrix_transpose(lev.flat(w)), lev.split(zp))
+            )
         return out[..., : self.n, :]
 
     @property

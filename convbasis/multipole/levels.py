@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from array_api_compat import device
 
+from .._array import stacked_matmul
+
 __all__ = ["forward", "iter_levels"]
 
 
@@ -58,7 +60,7 @@ class _Level:
     def logits(self, q, keys, scale):
         """Masked logits ``(..., G, C, R, T)`` (``-inf`` where a token is not seen)."""
         xp = self.xp
-        s = scale * (self.split(q) @ xp.matrix_transpose(keys))
+        s = scale * stacked_matmul(xp, self.split(q), xp.matrix_transpose(keys))
         s = xp.reshape(s, (*s.shape[:-2], self.children, self.rows, self.tokens))
         minus_inf = xp.asarray(-xp.inf, dtype=s.dtype, device=device(s))
         for mask in self.masks:
@@ -218,7 +220,7 @@ def forward(xp, geo, kernels, q, k, v, scale, *, with_output=True):
         w = lev.weights(s, ref)
         part = xp.reshape(xp.sum(w, axis=-1), ref.shape)
         if with_output:
-            o = lev.flat(w) @ lev.gather(v)
+            o = stacked_matmul(xp, lev.flat(w), lev.gather(v))
             o = xp.reshape(o, (*q.shape[:-2], geo.padded, v.shape[-1]))
         if run_max is None:
             total = part
