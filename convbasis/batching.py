@@ -121,7 +121,8 @@ def batched_call(func, q, k, v, *rows, lengths=None):
     """``func(q, k, v, *rows)`` with grouped-query heads and ``lengths`` applied.
 
     ``rows`` are arrays shaped like the output (``grad_out``).  ``func`` returns the output
-    ``(..., n, e)`` or a gradient dataclass whose fields ``dq``, ``dk``, ``dv`` are shaped like
+    ``(..., n, e)`` (or, without ``lengths``, a tuple that starts with it) or a gradient
+    dataclass whose fields ``dq``, ``dk``, ``dv`` are shaped like
     ``q``, ``k``, ``v`` (its other fields, such as kernel gradients, are summed over the
     calls).  Without grouped heads or lengths this is just ``func(q, k, v, *rows)``.
     """
@@ -132,10 +133,11 @@ def batched_call(func, q, k, v, *rows, lengths=None):
         q, *rows = (_split_heads(xp, a, groups, query=True) for a in (q, *rows))
         k, v = (_split_heads(xp, a, groups, query=False) for a in (k, v))
         out = batched_call(func, q, k, v, *rows, lengths=lengths)
+        if isinstance(out, tuple):  # (output, report): the report keeps the grouped shape
+            return (_merge_heads(xp, out[0]), *out[1:])
         if is_dataclass(out):
             return replace(out, **{f: xp.reshape(getattr(out, f), s) for f, s in shapes.items()})
-        *batch, hkv, g, n, e = out.shape
-        return xp.reshape(out, (*batch, hkv * g, n, e))
+        return _merge_heads(xp, out)
     if lengths is None:
         return func(q, k, v, *rows)
     xp = namespace(q, k, v, *rows)
@@ -148,6 +150,12 @@ def batched_call(func, q, k, v, *rows, lengths=None):
     if all(size == q.shape[-2] for size in sizes):
         return func(q, k, v, *rows)
     return _by_length(xp, func, arrays, sizes, batch)
+
+
+def _merge_heads(xp, out):
+    """``(..., h_kv, G, n, e)`` → ``(..., h_kv · G, n, e)``."""
+    *batch, hkv, g, n, e = out.shape
+    return xp.reshape(out, (*batch, hkv * g, n, e))
 
 
 def _by_length(xp, func, arrays, sizes, batch):

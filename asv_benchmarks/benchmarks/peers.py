@@ -8,7 +8,9 @@ backward compares ``attention_gradients`` (both meanings of the gradient, docs: 
 gradients") with torch autograd through SDPA (forward and backward).
 
 Inputs per method, causal, float32: dense and conv at d = 64 (conv: an exact 16-segment rotary
-instance, rank 16), multipole at d = 64 (block 64, basis 4), polynomial at d = 8 (issue 16's
+instance, rank 16), multipole at d = 64 (block 64, basis 4), composite at d = 64 (budget 512;
+Gaussian inputs, so its error is large: its accuracy is measured on real heads, docs:
+"Composite attention"), polynomial at d = 8 (issue 16's
 case: uniform entries with the rows rescaled so that ``R = s max‖q‖ max‖k‖ = 2`` at the
 default scale ``1/√8``, where eps 1e-3 needs degree 7, rank 6435).  ``PolynomialPeer`` times
 the polynomial method at n = 2^16 and 2^17 (target: at least 2x faster than SDPA at 2^17) and
@@ -17,7 +19,9 @@ records the rate of its useful arithmetic.  The suite skips without torch
 ``pip install torch==2.13.0`` takes the CPU build).
 
 ``python -m benchmarks.peers [n ...]`` (from ``asv_benchmarks/``) prints the figures;
-``python -m benchmarks.peers polynomial [n ...]`` the polynomial ones (default 2^16, 2^17).
+``python -m benchmarks.peers polynomial [n ...]`` the polynomial ones (default 2^16, 2^17);
+``python -m benchmarks.peers crossover [n ...]`` the conv gradients against SDPA's forward and
+backward at d = 16 and 64, with the crossover length of each gradient meaning.
 """
 
 from __future__ import annotations
@@ -41,19 +45,20 @@ SEGMENTS = 16
 _torch = torch_or_skip
 
 
-def inputs(method, n, seed=0):
-    """NumPy float32 ``q, k, v, g`` for ``method`` at length ``n``."""
+def inputs(method, n, seed=0, d=D):
+    """NumPy float32 ``q, k, v, g`` for ``method`` at length ``n`` (head dimension ``d``,
+    except for the polynomial method's fixed case)."""
     rng = np.random.default_rng(seed)
     if method == "conv":
         starts = tuple(n * i // SEGMENTS for i in range(SEGMENTS))
-        q, k, v, _ = rotary_conv_instance(rng, n, D, starts)
+        q, k, v, _ = rotary_conv_instance(rng, n, d, starts)
     elif method == "lowrank":
         q, k, v = rng.uniform(-1, 1, (3, n, LOWRANK_D))
         # max‖q‖ = max‖k‖ = (R √d)^½, so that R = max‖q‖ max‖k‖ / √d is LOWRANK_RADIUS
         size = np.sqrt(LOWRANK_RADIUS * np.sqrt(LOWRANK_D))
         q, k = (a * (size / np.linalg.norm(a, axis=-1).max()) for a in (q, k))
     else:
-        q, k, v = rng.standard_normal((3, n, D))
+        q, k, v = rng.standard_normal((3, n, d))
     g = rng.standard_normal(v.shape)
     return tuple(a.astype(np.float32) for a in (q, k, v, g))
 
@@ -63,6 +68,7 @@ OPTIONS = {
     "conv": {"rank": SEGMENTS},
     "multipole": {"block": 64, "basis": 4},
     "lowrank": {"eps": 1e-3},
+    "composite": {"budget": 512},
 }
 
 
@@ -73,6 +79,7 @@ def forward(method, q, k, v):
         "conv": cb.conv_attention,
         "multipole": cb.multipole_attention,
         "lowrank": cb.lowrank_attention,
+        "composite": cb.composite_attention,
     }[method](q, k, v, **OPTIONS[method])
 
 
@@ -96,8 +103,8 @@ def sdpa(torch, q, k, v, *, scale, grad=None):
     return q4.grad, k4.grad, v4.grad
 
 
-def _scale(method):
-    return 1 / np.sqrt(LOWRANK_D if method == "lowrank" else D)
+def _scale(method, d=D):
+    return 1 / np.sqrt(LOWRANK_D if method == "lowrank" else d)
 
 
 def lowrank_flops(q, k, v):
@@ -111,7 +118,7 @@ def lowrank_flops(q, k, v):
 class PeerForward:
     """Forward attention of each method against SDPA (ratio ``SDPA / method``)."""
 
-    params = (["dense", "conv", "multipole", "lowrank"], [2**12, 2**14])
+    params = (["dense", "conv", "multipole", "lowrank", "composite"], [2**12, 2**14])
     param_names = ["method", "n"]
     timeout = 600
 
@@ -257,9 +264,42 @@ def measure_polynomial(sizes=(2**16, 2**17), rounds=3):
         )
 
 
+def measure_crossover(dims=(16, 64), sizes=tuple(2**p for p in range(10, 16))):
+    """Conv gradients (both meanings) against SDPA forward + backward for each head dimension
+    and length, interleaved; prints each ratio and the crossover: the smallest ``n`` of
+    ``sizes`` from which the method stays faster."""
+    torch = _torch()
+    warnings.simplefilter("ignore", cb.ConvBasisWarning)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; causal, float32")
+    for d in dims:
+        ratios = {"exact-formula": [], "model": []}
+        scale = _scale("conv", d)
+        for n in sizes:
+            arrays = inputs("conv", n, d=d)
+            for gradient, found in ratios.items():
+                ours, theirs = interleaved(
+                    lambda gr=gradient, a=arrays: backward("conv", gr, *a),
+                    lambda a=arrays, s=scale: sdpa(torch, *a[:3], scale=s, grad=a[3]),
+                )
+                found.append(theirs / ours)
+                print(
+                    f"conv {gradient:>13} d={d:>2} n={n:>6}: {ours:8.3f} s   SDPA fwd+bwd "
+                    f"{theirs:8.3f} s   SDPA/method {theirs / ours:7.2f}x",
+                    flush=True,
+                )
+        for gradient, found in ratios.items():
+            faster = [i for i in range(len(sizes)) if all(r > 1 for r in found[i:])]
+            where = f"n = {sizes[faster[0]]}" if faster else f"none up to n = {sizes[-1]}"
+            print(f"crossover conv {gradient} d={d}: {where}", flush=True)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["polynomial"]:
         measure_polynomial(tuple(int(a) for a in args[1:]) or (2**16, 2**17))
+    elif args[:1] == ["crossover"]:
+        measure_crossover(
+            sizes=tuple(int(a) for a in args[1:]) or tuple(2**p for p in range(10, 16))
+        )
     else:
         measure(tuple(int(a) for a in args) or (2**12, 2**14))

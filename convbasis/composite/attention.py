@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import random
@@ -13,6 +14,7 @@ from array_api_compat import device
 
 from .._array import check_integer, validate_attention_inputs
 from .._capabilities import EagerOnlyError, traced
+from ..batching import batched_call
 from .operator import CompositeWarning, build
 
 __all__ = ["CompositeReport", "CompositeWarning", "composite_attention"]
@@ -74,6 +76,7 @@ def composite_attention(
     samples=None,
     seed=0,
     return_report=False,
+    lengths=None,
 ):
     """Composite attention: exact band, sinks, heavy columns and top blocks + FMM far field.
 
@@ -98,13 +101,56 @@ def composite_attention(
         Seed of the sampled rows.
     return_report : bool
         Also return a :class:`CompositeReport`.
+    lengths : int array ``(batch,)``, optional
+        As in :func:`convbasis.attention`; not with ``target_error`` or ``return_report``
+        (the report describes one call).
 
     Returns
     -------
     array ``(..., n, e)``, or ``(array, CompositeReport)``
         ``O(n (budget + log(n/b)) (d + e) + (n/b)² d)`` time and ``O(n · budget)`` memory;
-        the estimate adds ``O(samples · n (d + e))``.
+        the estimate adds ``O(samples · n (d + e))``.  ``k`` and ``v`` may have fewer heads
+        than ``q`` (grouped-query attention; the report's ``error_estimates`` then have the
+        grouped batch shape ``(..., h_kv, G)``).
     """
+    if lengths is not None and (target_error is not None or return_report):
+        raise ValueError(
+            "composite_attention takes lengths= without target_error= and return_report=True: "
+            "each distinct length is its own call, and the report describes one call"
+        )
+    options = dict(
+        causal=causal,
+        scale=scale,
+        budget=budget,
+        block=block,
+        sinks=sinks,
+        heavy=heavy,
+        target_error=target_error,
+        max_fraction=max_fraction,
+        samples=samples,
+        seed=seed,
+        return_report=return_report,
+    )
+    return batched_call(functools.partial(_attention, **options), q, k, v, lengths=lengths)
+
+
+def _attention(
+    q,
+    k,
+    v,
+    *,
+    causal,
+    scale,
+    budget,
+    block,
+    sinks,
+    heavy,
+    target_error,
+    max_fraction,
+    samples,
+    seed,
+    return_report,
+):
     xp, q, k, v = validate_attention_inputs(q, k, v, causal=causal)
     n = q.shape[-2]
     samples = min(32, n) if samples is None else samples
@@ -121,7 +167,7 @@ def composite_attention(
             "jax.jit call it without them"
         )
     options = dict(causal=causal, scale=scale, block=block, sinks=sinks, heavy=heavy)
-    budget = min(128, n) if budget is None else budget
+    budget = min(128, n) if budget is None else min(check_integer(budget, "budget"), n)
     op, out = build(xp, q, k, v, budget=budget, **options)
     if target_error is None and not return_report:
         return out

@@ -13,10 +13,12 @@ dense formula on the exact keys.  A token ``τ`` of query block ``I`` enters thr
   spread equally over the queries whose mean ``c`` is;
 * ``dV = fᵀ G``.
 
-Tokens of the query blocks under one box share ``c`` and the box's keys, so each sum over a
-token is the box's sum with the children's ``b/Z, g/Z, a/Z, κ/Z`` added up, less the
-dropped sub-blocks of each child: ``O(N (d + e))`` per level plus ``O(n x b (d + e))``.
-The selection of exact blocks and heavy columns is piecewise constant: no gradient.
+Every per-key sum ``Σ_τ α_j (b, g, a, κ)_τ`` over the tokens holding key ``j`` is the
+adjoint of the token sums (:func:`~convbasis.composite.far_field.token_adjoint`) applied to
+``(b, g, a, κ)/Z``: it runs down the key boxes' trees with factors ``≤ 1`` and subtracts
+nothing, so it is as well conditioned as the forward.  ``O(N (d + e))`` per level plus
+``O(nb · x · levels · (d + e))`` for the tokens' nodes.  The selection of exact blocks and
+heavy columns is piecewise constant: no gradient.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from __future__ import annotations
 from array_api_compat import device
 
 from .._array import index_add, single_threaded_blas
-from .far_field import gather_boxes, one_hot, per_token, token_sums
-from .layout import as_blocks, block_chunks, scatter_blocks, take_rows
+from .far_field import gather_boxes, keys_to_rows, per_token, token_adjoint, token_sums
+from .layout import as_blocks, block_chunks, scatter_blocks
 from .operator import build, exact_rows
 
 __all__ = ["model_gradients"]
@@ -66,7 +68,7 @@ def _gradients(xp, q, k, v, g, *, causal, scale, **options):
 
     if lay.tokens:
         d = q.shape[-1]
-        sums, _ = token_sums(xp, lay, op.far, xp.concat([kf, vf], axis=-1))
+        sums = token_sums(xp, lay, op.far, xp.concat([kf, vf], axis=-1))
         mass = op.token_mass[..., None]
         mean_key, mean_value = sums[..., :d] / mass, sums[..., d:] / mass
         _, centre = per_token(xp, lay, op.far, qf)
@@ -78,8 +80,8 @@ def _gradients(xp, q, k, v, g, *, causal, scale, **options):
         gv = xp.matrix_transpose(p) @ gb  # (B, nb, T, e)
         kappa = xp.sum(mean_key * b, axis=-1) + xp.sum(mean_value * gv, axis=-1)
         # per unit of the token's (shifted) centre weights
-        coef = [x / op.token_mass[..., None] for x in (b, gv, a[..., None], kappa[..., None])]
-        dk_far, dc = _token_backward(xp, op, kf, vf, *coef)
+        coef = xp.concat([b, gv, a[..., None], kappa[..., None]], axis=-1) / mass
+        dk_far, dc = _token_backward(xp, op, kf, vf, coef)
         dk = dk + dk_far
         dq = dq + _centre_to_queries(xp, op, dc)
     dv = op.flatten(xp, op.rmatmul(g))
@@ -112,76 +114,26 @@ def _scatter_exact(xp, op, lo, hi, contrib):
     return out
 
 
-def _token_backward(xp, op, kf, vf, b, gv, a, kappa):
+def _token_backward(xp, op, kf, vf, coef):
     """Key gradients ``(B, N, d)`` and centre gradients (per level ``(B, boxes, d)``) of the
-    tokens, from per-token coefficients already divided by the token mass."""
+    tokens, from per-token coefficients ``[b, g, a, κ] / Z`` ``(B, nb, T, d + e + 2)``."""
     lay, far, s = op.layout, op.far, op.scale
-    bt, d = kf.shape[0], kf.shape[-1]
-    dev = device(kf)
-    dk = xp.zeros(kf.shape, dtype=kf.dtype, device=dev)
+    d, e = kf.shape[-1], vf.shape[-1]
+    per_key = token_adjoint(xp, lay, far, coef)  # per level (B, boxes, slots, w, d + e + 2)
     dc = []
-    for i, (level, w, box, c) in enumerate(
-        zip(lay.levels, far.weights, far.boxes, far.centres, strict=True)
-    ):
-        width = lay.block << (level - 1)
-        count = lay.padded // width
-        part = slice(i * lay.slots, (i + 1) * lay.slots)
 
-        bs, gs, as_, ks = (_per_box(xp, x, part, count, lay.slots) for x in (b, gv, a, kappa))
-        keys, values = gather_boxes(xp, kf, box, width), gather_boxes(xp, vf, box, width)
-        beta = (
-            xp.squeeze(keys @ bs[..., None], axis=-1)
-            + xp.squeeze(values @ gs[..., None], axis=-1)
-            - ks
-        )  # (B, boxes, slots, w)
-        cb = c[:, :, None, None, :]
-        grad = w[..., None] * (bs[:, :, :, None, :] + s * cb * (as_[..., None] + beta[..., None]))
-        offset = xp.reshape(xp.arange(bt, device=dev) * count, (bt, 1, 1))
-        target = xp.reshape(box[None, ...] + offset, (-1,))
-        summed = index_add(xp, target, xp.reshape(grad, (-1, width, d)), bt * count)
-        dk = dk + xp.reshape(summed, kf.shape)
-        dc.append(s * xp.sum(xp.sum((w * beta)[..., None] * keys, axis=-2), axis=-2))
-    # The dropped sub-blocks of each query block: their share, subtracted.
-    band = len(lay.band)
-    ids = op.ids[..., band:]
-    hot = one_hot(xp, lay, far, kf.dtype)  # (B, nb, x, T)
-    bx, gx, ax, kx = (hot @ x for x in (b, gv, a, kappa))  # (B, nb, x, ·)
-    _, centre = per_token(xp, lay, far, kf)
-    cx = hot @ centre  # (B, nb, x, d)
-    weights = _dropped_weights(xp, op)  # (B, nb, x, bl)
-    keys = take_rows(xp, as_blocks(xp, lay, kf), ids)  # (B, nb, x, bl, d)
-    values = take_rows(xp, as_blocks(xp, lay, vf), ids)
-    beta = (
-        xp.squeeze(keys @ bx[..., None], axis=-1) + xp.squeeze(values @ gx[..., None], axis=-1) - kx
-    )  # (B, nb, x, bl)
-    grad = weights[..., None] * (
-        bx[..., None, :] + s * cx[..., None, :] * (ax[..., None] + beta[..., None])
-    )
-    dk = dk - xp.reshape(scatter_blocks(xp, lay, ids, grad), kf.shape)
-    drop_dc = s * xp.sum((weights * beta)[..., None] * keys, axis=-2)  # (B, nb, x, d)
-    drop_dc = xp.matrix_transpose(hot) @ drop_dc  # (B, nb, T, d)
-    for i, level in enumerate(lay.levels):
-        children = 1 << (level - 1)
-        x = drop_dc[:, :, i * lay.slots : (i + 1) * lay.slots, :]
-        x = xp.sum(xp.reshape(x, (bt, lay.blocks // children, children * lay.slots, d)), axis=2)
-        dc[i] = dc[i] - x
-    return dk, dc
+    def grads():
+        for level, sums, box, c in zip(lay.levels, per_key, far.boxes, far.centres, strict=True):
+            width = lay.block << (level - 1)
+            keys, values = gather_boxes(xp, kf, box, width), gather_boxes(xp, vf, box, width)
+            sb, sg = sums[..., :d], sums[..., d : d + e]
+            sa, sk = sums[..., d + e], sums[..., d + e + 1]
+            # Σ_τ α_j β_j over the tokens holding key j
+            beta = xp.sum(keys * sb, axis=-1) + xp.sum(values * sg, axis=-1) - sk
+            dc.append(s * xp.sum(xp.sum(beta[..., None] * keys, axis=-2), axis=-2))
+            yield sb + s * c[:, :, None, None, :] * (sa + beta)[..., None]
 
-
-def _per_box(xp, x, part, count, slots):
-    """``(B, nb, T, ·)`` → the level's slots, summed over each box's children: ``(B, boxes,
-    slots, ·)``."""
-    x = x[:, :, part, :]
-    children = x.shape[1] // count
-    return xp.sum(xp.reshape(x, (x.shape[0], count, children, slots, x.shape[-1])), axis=2)
-
-
-def _dropped_weights(xp, op):
-    """Centre weights ``(B, nb, x, b)`` of each query block's dropped sub-blocks."""
-    lay, far = op.layout, op.far
-    bt = far.token.shape[0]
-    subs = [xp.reshape(w, (bt, lay.blocks * lay.slots, lay.block)) for w in far.weights]
-    return take_rows(xp, xp.concat(subs, axis=1), far.sub)
+    return keys_to_rows(xp, lay, far, grads()), dc
 
 
 def _centre_to_queries(xp, op, dc):

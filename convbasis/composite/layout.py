@@ -171,36 +171,42 @@ def top_indices(xp, x, count):
 
 
 def far_positions(xp, lay, ids, ok):
-    """The far-field token and sub-block of each exact block outside the band.
+    """The far-field token of each exact block outside the band and its place in the token's
+    key-box tree.
 
-    For query block ``I`` and key block ``B`` (both ``(B, nb, x)`` ints, ``ok`` masks unused
-    slots): the level ``ℓ`` and slot whose key box ``B >> (ℓ − 1)`` is in the interaction list
-    of ``I >> (ℓ − 1)``.  Returns ``token`` (``(ℓ − 1)·slots + slot``, ``-1`` where ``ok`` is
-    false) and ``sub``, the index into the level-concatenated sub-block arrays of
-    :class:`~convbasis.composite.operator.FarField` (``(ℓ − 1)·nb·slots + (a·slots + slot)·2^{ℓ−1}
-    + B mod 2^{ℓ−1}``).
+    For query block ``I`` and key block ``K`` (both ``(B, nb, x)`` ints, ``ok`` masks unused
+    slots): the level ``ℓ`` and slot whose key box ``K >> (ℓ − 1)`` is in the interaction list
+    of ``a = I >> (ℓ − 1)``.  Returns ``token`` (``(ℓ − 1)·slots + slot``, ``-1`` where ``ok``
+    is false), ``leaf`` (``K``'s sub-block in its box, ``K mod 2^{ℓ−1}``), ``subs`` (the box's
+    sub-blocks, ``2^{ℓ−1}``) and ``tree`` (where the box's tree starts in the
+    level-concatenated node arrays of :class:`~convbasis.composite.far_field.FarField`,
+    ``(ℓ − 1)·2·nb·slots + (a·slots + slot)·2^ℓ``).
     """
     nb, slots = lay.blocks, lay.slots
     dev = device(ids)
     query = xp.reshape(xp.arange(nb, device=dev), (nb, 1))
-    token = xp.full(ids.shape, -1, device=dev)
-    sub = xp.zeros(ids.shape, dtype=ids.dtype, device=dev)
-    for level in lay.levels:
-        width = 1 << (level - 1)
-        box, a = ids // width, query // width
-        rel = box - a
-        for slot in range(slots):
-            offs = [lay.offsets(0)[slot], lay.offsets(1)[slot]]
-            match = xp.zeros(ids.shape, dtype=xp.bool, device=dev)
-            for parity, o in enumerate(offs):
-                if o is not None:
-                    match = match | ((a % 2 == parity) & (rel == o))
-            match = match & ok
-            here = (level - 1) * slots + slot
-            flat = (level - 1) * nb * slots + (a * slots + slot) * width + (ids - box * width)
-            token = xp.where(match, here, token)
-            sub = xp.where(match, flat, sub)
-    return token, sub
+    # The token's level is the coarsest at which the key box is no neighbour of the query
+    # box (one level up the parents are neighbours: the box is in the interaction list).
+    level, subs, rel = xp.zeros_like(ids), xp.ones_like(ids), xp.zeros_like(ids)
+    for lev in lay.levels:
+        width = 1 << (lev - 1)
+        r = ids // width - query // width
+        far = (r >= 2) | (r <= -2)
+        level = xp.where(far, lev - 1, level)
+        subs = xp.where(far, width, subs)
+        rel = xp.where(far, r, rel)
+    a = query // subs
+    slot = xp.full(ids.shape, -1, dtype=ids.dtype, device=dev)
+    for k in range(slots):
+        for parity in (0, 1):
+            o = lay.offsets(parity)[k]
+            if o is not None:
+                slot = xp.where((a % 2 == parity) & (rel == o), k, slot)
+    found = ok & (slot >= 0)
+    token = xp.where(found, level * slots + slot, xp.full_like(slot, -1))
+    tree = level * 2 * nb * slots + (a * slots + slot) * 2 * subs
+    tree = xp.where(found, tree, xp.zeros_like(tree))
+    return token, ids % subs, subs, tree
 
 
 def pad(xp, x, padded):

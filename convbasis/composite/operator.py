@@ -11,14 +11,16 @@ Row ``i`` of query block ``I`` is one softmax over two parts (docs/math.rst §8)
   value is the same weighted mean of the values.
 
 So ``f_ij`` is the exact weight for exact keys and ``W_iτ e^{s c·k_j}/Z_τ`` for the key ``j``
-of token ``τ``: a linear operator with four products like every other structure.
+of token ``τ``: a linear operator with four products like every other structure.  The token
+sums are evaluated relative to each token's own largest centre logit and without subtraction
+(:mod:`.far_field`), so a token keeps its keys' mass however far below its box's exact keys
+they lie.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +34,12 @@ from .._array import (
     single_threaded_blas,
     validate_qk,
 )
-from .._capabilities import traced
 from ..operators import SquareProducts, check_operands
 from .far_field import (
     centre_logits,
     far_field,
     heavy_columns,
+    keys_to_rows,
     per_token,
     token_adjoint,
     token_sums,
@@ -47,7 +49,6 @@ from .layout import (
     block_chunks,
     block_scores,
     exact_mask,
-    far_positions,
     layout,
     pad,
     scatter_blocks,
@@ -61,8 +62,7 @@ __all__ = ["CompositeAttentionOperator", "CompositeWarning", "composite_operator
 
 
 class CompositeWarning(UserWarning):
-    """A composite result to distrust: ``target_error`` not met within ``max_fraction``, or
-    far-field tokens whose mass was lost to rounding."""
+    """A composite result to distrust: ``target_error`` not met within ``max_fraction``."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ class CompositeAttentionOperator(SquareProducts):
 
     Build with :func:`composite_operator`.  ``matmul(z)`` and ``rmatmul(z)`` cost
     ``O(n (E + T) p)`` for ``z (..., n, p)`` with ``E`` exact keys and ``T`` far-field tokens
-    per row, plus ``O(n p log(n/b))`` for the token sums; the Hadamard products with a
+    per row, plus ``O(n p log(n/b))`` for the token sums (the key boxes' trees, and up to
+    ``log2(n/b)`` nodes per exact block outside the band); the Hadamard products with a
     rank-``s`` ``G Yᵀ`` ``s`` times that; ``to_dense()`` is ``O(n²)``, for tests.
 
     Attributes
@@ -96,7 +97,8 @@ class CompositeAttentionOperator(SquareProducts):
     far_weights : array ``(B, nb, b, T)``
         ``W_iτ / Z_τ``: the weight of a unit of token ``τ``'s sums (zero for dropped tokens).
     token_mass : array ``(B, nb, T)``
-        ``Z_τ``, the token's share of its box's centre weights (1 for dropped tokens).
+        ``Z_τ = Σ_{j∈τ} e^{s c·k_j − m_τ}``, the token's centre weights relative to its own
+        largest centre logit ``m_τ`` (1 for empty tokens).
     scale : float
     counts : tuple
         Logit evaluations per batch element: exact, far-field tokens, centres, block scores.
@@ -164,14 +166,11 @@ class CompositeAttentionOperator(SquareProducts):
     def _cast(self, xp, dtype):
         if dtype == self.exact.dtype:
             return self
-        far = dataclasses.replace(
-            self.far, weights=tuple(xp.astype(w, dtype) for w in self.far.weights)
-        )
         return dataclasses.replace(
             self,
             exact=xp.astype(self.exact, dtype),
             far_weights=xp.astype(self.far_weights, dtype),
-            far=far,
+            far=self.far.astype(xp, dtype),
         )
 
     def _finish(self, xp, out, fold):
@@ -199,8 +198,7 @@ class CompositeAttentionOperator(SquareProducts):
             )
             out = xp.concat(parts, axis=1)
             if lay.tokens:
-                sums, _ = token_sums(xp, lay, op.far, z)
-                out = out + op.far_weights @ sums
+                out = out + op.far_weights @ token_sums(xp, lay, op.far, z)
         return self._finish(xp, xp.reshape(out, z.shape), fold)
 
     def rmatmul(self, z, /):
@@ -239,10 +237,10 @@ def composite_operator(
     scale : float, optional
         Default ``1/sqrt(d)``.
     budget : int, optional
-        Exact keys per query row, in ``[1, n]`` (default ``min(128, n)``): the band
-        (``2·block`` causal, ``3·block`` otherwise), ``sinks·block`` leading keys, ``heavy``
-        columns and top-scored key blocks in what is left.  Must cover the band and sinks
-        (unless those cover every key); ``budget = n`` is exact attention.
+        Exact keys per query row, positive (default ``min(128, n)``): the band (``2·block``
+        causal, ``3·block`` otherwise), ``sinks·block`` leading keys, ``heavy`` columns and
+        top-scored key blocks in what is left.  Must cover the band and sinks (unless those
+        cover every key); ``n`` or more is exact attention.
     block : int, optional
         Rows per block (positive; values above ``n`` act as ``n``).  Default 8 up to
         ``n = 4096``, 16 above, where the ``(n/b)²`` block scores would dominate.
@@ -287,7 +285,8 @@ def build(xp, q, k, v, *, causal, scale, budget, block, sinks, heavy):
     block = (8 if n <= 4096 else 16) if block is None else check_integer(block, "block")
     block = min(block, n)
     budget = min(128, n) if budget is None else budget
-    budget = check_integer(budget, "budget", high=n, what=f"n = {n}")
+    # n or more is exact attention: one budget serves sequences of any length (lengths=)
+    budget = min(check_integer(budget, "budget"), n)
     lay = layout(n, block, causal)
     filled = -(-n // lay.block)
     sinks = check_integer(sinks, "sinks", low=0, high=filled, what=f"ceil(n / block) = {filled}")
@@ -325,22 +324,17 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy):
     qb, kb = as_blocks(xp, lay, q), as_blocks(xp, lay, k)
     ids, ok = select_blocks(xp, lay, block_scores(xp, lay, qb, kb, valid), sinks, top)
     band = len(lay.band)
-    token, sub = far_positions(xp, lay, ids[..., band:], ok[..., band:])
     levels, evaluations = centre_logits(xp, lay, q, k, valid, scale)
     heavy_ids, heavy_mask = heavy_columns(xp, lay, levels, q, valid, heavy)
-    far = far_field(xp, lay, levels, heavy_mask, token, sub, token >= 0, evaluations)
+    far = far_field(xp, lay, levels, heavy_mask, ids[..., band:], ok[..., band:], evaluations)
 
     # Far-field logits: first order around each token's centre (module docstring).
     ones = xp.ones((bt, lay.padded, 1), dtype=q.dtype, device=dev)
     parts = [k, ones] if v is None else [k, ones, v]
-    sums, totals = token_sums(xp, lay, far, xp.concat(parts, axis=-1))
-    mass = sums[..., d]
-    # A token whose keys are (almost) all exact has no mass left to stand for; the rounding
-    # of the subtraction must not become a weight.
-    tiny = 64 * xp.finfo(q.dtype).eps
-    keep = mass > tiny * totals[..., d]
-    _check_conditioning(xp, lay, far, ones, mass, totals[..., d])
-    mass = xp.where(keep, mass, xp.ones_like(mass))
+    sums = token_sums(xp, lay, far, xp.concat(parts, axis=-1))
+    # Relative to the token's own maximum: in [1, |τ|] for a token with keys, 0 without.
+    keep = far.keep
+    mass = xp.where(keep, sums[..., d], xp.ones_like(sums[..., d]))
     mean_key = sums[..., :d] / mass[..., None]
     shift, centre = per_token(xp, lay, far, q)
     offset = shift - scale * xp.sum(centre * mean_key, axis=-1) + xp.log(mass)  # (B, nb, T)
@@ -396,35 +390,6 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy):
     return op, out
 
 
-# A token's sums are its box's minus those of its dropped sub-blocks (docs/composite.rst):
-# when the dropped ones hold all but this share of the box's centre mass, the difference has
-# lost most of its digits, or all of them.
-_CONDITIONING = 2.0**-10
-
-
-def _check_conditioning(xp, lay, far, ones, mass, total):
-    """Warn when a token that still has keys lost its mass to the subtraction's rounding.
-
-    Happens when the box's largest centre logits lie in the row's exact blocks and the keys
-    left are far below them (a logit gap of about 7 + log(1/eps)): those keys' share of the
-    row is then wrong, possibly by O(1).  Not checked under tracing (no values to read).
-    """
-    if not lay.tokens or traced(mass):
-        return
-    count, _ = token_sums(xp, lay, dataclasses.replace(far, weights=far.present), ones)
-    lost = (count[..., 0] > 0.5) & (mass < _CONDITIONING * total)
-    if bool(xp.any(lost)):
-        share = float(xp.mean(xp.astype(lost, mass.dtype)))
-        warnings.warn(
-            f"composite attention: {share:.2%} of the far-field tokens lost their keys' mass "
-            "to rounding (their box's largest centre logits are exact keys of the row and the "
-            "rest lie far below); those rows may be off by O(1). A larger budget, a smaller "
-            "block or float64 inputs help; the report's error estimate samples rows",
-            CompositeWarning,
-            stacklevel=4,
-        )
-
-
 def _flat(xp, a, batch, padded):
     """``a (..., n, p)`` broadcast to ``batch``, flattened to ``(B, n, p)`` and padded."""
     a = xp.broadcast_to(a, (*batch, *a.shape[-2:]))
@@ -464,10 +429,7 @@ def _transposed(xp, op, z):
         out = out + xp.reshape(add, z.shape)
     if lay.tokens:
         y = xp.matrix_transpose(op.far_weights) @ zb  # (B, nb, T, p)
-        boxes, dropped = token_adjoint(xp, lay, op.far, y)
-        band = len(lay.band)
-        out = out + boxes
-        out = out + xp.reshape(scatter_blocks(xp, lay, op.ids[..., band:], dropped), z.shape)
+        out = out + keys_to_rows(xp, lay, op.far, token_adjoint(xp, lay, op.far, y))
     return out
 
 
