@@ -112,16 +112,20 @@ def _exact_lags(xp, op, g, v, delta, lower_lags, upper_lags):
         def lags(cols, ok, p=p, local=local, width=width):
             got = _take_flat(xp, p, local + xp.clip(cols, 0, width - 1))
             total = xp.where(ok, got, xp.zeros_like(got))
-            return xp.cumulative_sum(total, axis=-2, include_initial=True)  # (..., R + 1, n)
+            return xp.cumulative_sum(total, axis=-2, include_initial=True)  # (..., R + 1, T)
 
-        prefix = lags(r - t[None, :], r >= t[None, :])
+        # Row r feeds the lower lags t <= r only: lags up to the block's last row, O(R r_max)
+        # rather than O(R n) (the recomputed rows are mostly the first ones, whose normalisers
+        # the FFT resolves worst).
+        span = rows[-1] + 1
+        ts = t[:span]
+        prefix = lags(r - ts[None, :], r >= ts[None, :])
         stops = (*op.lower.starts[1:], n)
-        lo = [xp.searchsorted(idx, start + t) for start in op.lower.starts]
-        hi = [xp.searchsorted(idx, stop + t) for stop in stops]
-        lo, hi = xp.stack(lo), xp.stack(hi)  # (k, n) run bounds per segment and lag
-        lower_lags = (
-            lower_lags + _take_flat(xp, prefix, hi * n + t) - _take_flat(xp, prefix, lo * n + t)
-        )
+        lo = [xp.searchsorted(idx, start + ts) for start in op.lower.starts]
+        hi = [xp.searchsorted(idx, stop + ts) for stop in stops]
+        lo, hi = xp.stack(lo), xp.stack(hi)  # (k, T) run bounds per segment and lag
+        runs = _take_flat(xp, prefix, hi * span + ts) - _take_flat(xp, prefix, lo * span + ts)
+        lower_lags = xp.concat([lower_lags[..., :span] + runs, lower_lags[..., span:]], axis=-1)
         if op.upper is not None:
             ahead = r + t[None, :]
             prefix = lags(ahead, (ahead < n) & (t[None, :] >= 1))
