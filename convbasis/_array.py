@@ -17,7 +17,7 @@ import array_api_compat
 import scipy.fft
 
 from . import _numpy
-from ._validation import broadcast_shapes, check_integer
+from ._validation import broadcast_shapes, check_integer, user_stacklevel
 
 __all__ = [
     "as_floating",
@@ -40,6 +40,7 @@ __all__ = [
     "stacked_matmul",
     "sum_to_shape",
     "upcast_half",
+    "user_stacklevel",
     "validate_attention_inputs",
     "validate_qk",
 ]

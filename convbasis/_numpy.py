@@ -292,6 +292,8 @@ def stacked_matmul(a, b):
     and about 1 s on one BLAS thread per range.
     """
     shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+    if math.prod(shape) + a.size + b.size < _THREADED_MIN_ELEMENTS:
+        return a @ b  # a thread hand-off costs more than the product
     out = np.empty(shape, dtype=np.result_type(a, b))
     count = shape[-3]
     pieces = max(1, min(count, 2 * _THREADS))

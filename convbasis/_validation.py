@@ -5,9 +5,13 @@
 
 from __future__ import annotations
 
+import inspect
 import operator
+import os
 
-__all__ = ["broadcast_shapes", "check_integer"]
+__all__ = ["broadcast_shapes", "check_integer", "user_stacklevel"]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
 def check_integer(value, name, *, low=1, high=None, optional=False, what=None):
@@ -52,3 +56,16 @@ def broadcast_shapes(*shapes):
             raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
         out.append(sizes.pop() if sizes else 1)
     return tuple(out)
+
+
+def user_stacklevel():
+    """The ``stacklevel`` for ``warnings.warn`` that names the first caller outside convbasis.
+
+    Call it where the warning is issued.  Public functions reach their work through helpers
+    (grouped heads and lengths in :mod:`convbasis.batching`, operators, gradients), so no fixed
+    level names the user's line on every route.
+    """
+    frame, level = inspect.currentframe(), 0
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return max(level, 1)

@@ -10,10 +10,11 @@ layouts beyond plain broadcasting are handled here, once, around any attention c
   is copied and every method sees ordinary broadcasting; gradients of ``k`` and ``v`` come back
   summed over each group by the methods' own broadcasting rule.
 * **Variable lengths** (``lengths=``): sequence ``b`` of the batch has ``lengths[b]`` valid
-  tokens.  The result is exactly that of calling on each sequence alone, truncated to its
-  length, with the output rows (and gradient rows) beyond it zero: keys beyond a length never
-  reach a valid row, whatever their values, for every method.  Sequences of equal length go
-  in one call, so the cost is one call per distinct length.
+  tokens.  The sequences of each length are called together, truncated to it, and the output
+  rows (and gradient rows) beyond a length are zero: keys beyond a length never reach a valid
+  row, whatever their values, for every method.  The cost is one call per distinct length.
+  A method that makes one choice per call (lowrank's polynomial, conv's segment starts) makes
+  it for the sequences of one length together, as for the entries of any batch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from array_api_compat import device
 from ._array import check_integer, namespace
 from ._validation import broadcast_shapes
 
-__all__ = ["LAYOUT_HINT", "batched_call", "check_lengths", "group_heads"]
+__all__ = ["LAYOUT_HINT", "batched_call", "check_lengths", "check_lengths_options", "group_heads"]
 
 LAYOUT_HINT = (
     "convbasis takes (..., heads, n, d) arrays, as torch's scaled_dot_product_attention does; "
@@ -68,6 +69,18 @@ def _split_heads(xp, a, groups, *, query):
     if not query or h == 1:
         return xp.reshape(a, (*batch, h, 1, n, w))
     return xp.reshape(a, (*batch, h // groups, groups, n, w))
+
+
+def check_lengths_options(method, lengths, options):
+    """Refuse ``lengths`` with multipole's supplied ``downsample`` kernels: one kernel per
+    far-field level ties them to the padded length, which each sequence length changes."""
+    downsample = options.get("downsample", "mean")
+    supplied = not (isinstance(downsample, str) and downsample == "mean")
+    if lengths is not None and method == "multipole" and supplied:
+        raise ValueError(
+            "lengths= needs downsample='mean': supplied downsampling kernels, one per level, "
+            "are tied to the padded length, which each sequence length changes"
+        )
 
 
 def check_lengths(lengths, batch, n, m):
@@ -126,9 +139,14 @@ def batched_call(func, q, k, v, *rows, lengths=None):
     ``q``, ``k``, ``v`` (its other fields, such as kernel gradients, are summed over the
     calls).  Without grouped heads or lengths this is just ``func(q, k, v, *rows)``.
     """
+    xp = namespace(q, k, v, *rows)
     groups = group_heads((q, *rows), (k, v))
     if groups > 1:
-        xp = namespace(q, k, v, *rows)
+        if lengths is not None and q.ndim < 4:
+            raise ValueError(
+                "lengths= with grouped-query heads needs a batch axis before the heads: "
+                f"(batch, heads, n, d) arrays, got q shape {tuple(q.shape)}"
+            )
         shapes = {"dq": q.shape, "dk": k.shape, "dv": v.shape}
         q, *rows = (_split_heads(xp, a, groups, query=True) for a in (q, *rows))
         k, v = (_split_heads(xp, a, groups, query=False) for a in (k, v))
@@ -140,7 +158,6 @@ def batched_call(func, q, k, v, *rows, lengths=None):
         return _merge_heads(xp, out)
     if lengths is None:
         return func(q, k, v, *rows)
-    xp = namespace(q, k, v, *rows)
     arrays = (q, k, v, *rows)
     try:
         batch = broadcast_shapes(*(tuple(a.shape[:-2]) for a in arrays))

@@ -19,7 +19,7 @@ from array_api_compat import device
 
 from ._array import check_last_dim, resolve_scale, sum_to_shape, validate_attention_inputs
 from ._capabilities import check_eager
-from .batching import batched_call
+from .batching import batched_call, check_lengths_options
 from .operators import attention_operator, check_options
 from .reference import _validate_self_attention
 from .results import AttentionGradients, SelfAttentionGradients
@@ -202,6 +202,7 @@ def attention_gradients(
     check_eager("attention_gradients", q, k, v, grad_out, method=method)
     check_options(method, method_options)
     check_gradient(gradient)
+    check_lengths_options(method, lengths, method_options)
     call = functools.partial(
         _gradients, method=method, gradient=gradient, causal=causal, scale=scale, **method_options
     )
@@ -224,10 +225,16 @@ def _gradients(q, k, v, grad_out, *, method, gradient, causal, scale, **method_o
         )
     # A method that computes half precision in float32 (conv) returns it in the inputs' dtype.
     dq, dk, dv = (
-        xp.astype(sum_to_shape(xp, x, a.shape), q.dtype)
+        _as_dtype(xp, sum_to_shape(xp, x, a.shape), q.dtype)
         for x, a in zip(grads, (q, k, v), strict=True)
     )
-    return AttentionGradients(dq=dq, dk=dk, dv=dv)
+    # multipole's model gradient carries the supplied kernels' gradients
+    ddownsample = getattr(grads, "ddownsample", None)
+    return AttentionGradients(dq=dq, dk=dk, dv=dv, ddownsample=ddownsample)
+
+
+def _as_dtype(xp, x, dtype):
+    return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
 def self_attention_gradients(

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import functools
 
+import array_api_compat
+
 from ._capabilities import EagerOnlyError
-from .batching import batched_call
+from .batching import batched_call, check_lengths_options
 from .gradients import attention_gradients, check_gradient
 from .operators import attention_operator, check_options
 
@@ -32,7 +34,10 @@ __all__ = ["attention"]
 def _forward(settings, q, k, v):
     method, causal, scale, _, options = settings
     op = attention_operator(q, k, method=method, causal=causal, scale=scale, **dict(options))
-    return op.matmul(v)
+    # a conv operator built from half precision holds float32 (its FFT needs it)
+    out = op.matmul(v)
+    dtype = array_api_compat.array_namespace(out).result_type(q, k, v)
+    return out if out.dtype == dtype else out.astype(dtype)
 
 
 def _gradients(settings, q, k, v, grad_out):
@@ -166,6 +171,7 @@ def attention(
 
     check_options(method, options)
     check_gradient(gradient)
+    check_lengths_options(method, lengths, options)
     settings = (method, causal, scale, gradient, tuple(sorted(options.items())))
     # Grouped heads and lengths are reshapes, gathers and slices around the custom rule, so
     # JAX differentiates them itself (the group sums of dk, dv included).

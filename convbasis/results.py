@@ -10,13 +10,15 @@ five terms of docs/math.rst §3) are a different quantity: :class:`SelfAttention
 
 from __future__ import annotations
 
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["AttentionGradients", "SelfAttentionGradients"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AttentionGradients:
     """Gradients of ``L(O)`` for attention ``O = f V`` with respect to ``q``, ``k``, ``v``.
 
@@ -37,6 +39,9 @@ class AttentionGradients:
     dv: Any
     ddownsample: tuple[Any, ...] | None = None
 
+    def __post_init__(self):
+        _register_with_jax()
+
     def __iter__(self):
         return iter((self.dq, self.dk, self.dv))
 
@@ -47,7 +52,26 @@ class AttentionGradients:
         return 3
 
 
-@dataclass(frozen=True)
+def _register_with_jax():
+    """Make :class:`AttentionGradients` a JAX pytree, so that a function under ``jax.jit``,
+    ``vmap`` or ``grad`` may return one.  Done on the first result made while JAX is loaded
+    (looked up, never imported): registering at import would miss a JAX imported later."""
+    global _REGISTERED
+    jax = sys.modules.get("jax")
+    if _REGISTERED or jax is None:
+        return
+    with _LOCK:
+        if not _REGISTERED:
+            fields = ["dq", "dk", "dv", "ddownsample"]
+            jax.tree_util.register_dataclass(AttentionGradients, data_fields=fields, meta_fields=[])
+            _REGISTERED = True
+
+
+_REGISTERED = False
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, eq=False)
 class SelfAttentionGradients:
     """Gradients of ``L(O)`` for ``O = softmax(s · X W_Q W_Kᵀ Xᵀ) X W_V`` (docs/math.rst §3).
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 
-from .batching import batched_call
+from .batching import batched_call, check_lengths_options
 from .gradients import attention_gradients, check_gradient
 from .operators import attention_operator, check_options
 
@@ -137,4 +137,5 @@ def attention(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(a).__name__}")
     check_options(method, options)
     check_gradient(gradient)
+    check_lengths_options(method, lengths, options)
     return function.apply(q, k, v, method, causal, scale, gradient, options, lengths)

@@ -17,6 +17,7 @@ from convbasis._array import (
     namespace,
     resolve_scale,
     rfft,
+    stacked_matmul,
     sum_to_shape,
 )
 from convbasis.testing import assert_close
@@ -47,6 +48,23 @@ def test_exclusive_cumsum(xp, rng, reverse):
     csum = np.cumsum(x[:, ::-1] if reverse else x, axis=1)
     expected = np.concatenate([np.zeros_like(x[:, :1]), csum[:, :-1]], axis=1)
     np.testing.assert_allclose(out, expected[:, ::-1] if reverse else expected, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("left", "right"),
+    [
+        ((2, 9, 3, 4), (2, 9, 4, 5)),  # the stack axis split over threads
+        ((9, 3, 4), (1, 4, 5)),  # one operand broadcast along it
+        ((2, 1, 3, 4), (9, 4, 5)),  # fewer dimensions, broadcast batch
+        ((9, 3, 4), (4, 5)),  # a plain matrix on the right
+        ((0, 3, 4), (0, 4, 5)),  # an empty stack
+    ],
+)
+def test_stacked_matmul_is_matmul(xp, rng, left, right):
+    a, b = rng.standard_normal(left), rng.standard_normal(right)
+    out = stacked_matmul(array_namespace(xp.asarray(a)), xp.asarray(a), xp.asarray(b))
+    assert tuple(out.shape) == np.matmul(a, b).shape
+    assert_close(out, np.matmul(a, b), atol=1e-13)
 
 
 def test_sum_to_shape(xp, rng):

@@ -216,3 +216,22 @@ def test_composite_report_with_grouped_heads(xp, rng):
     )
     assert out.shape == (B, HKV * GROUP, N, E)
     assert tuple(report.error_estimates.shape) == (B, HKV, GROUP)
+
+
+def test_grouped_heads_with_lengths_need_a_batch_axis(xp, rng):
+    q, k, v = (xp.asarray(rng.standard_normal((h, N, D))) for h in (6, 2, 2))
+    with pytest.raises(ValueError, match="needs a batch axis before the heads"):
+        cb.attention(q, k, v, lengths=[5] * 6)
+
+
+def test_non_arrays_are_refused_by_type(xp):
+    with pytest.raises(TypeError, match="one array library"):
+        cb.attention([[1.0, 2.0]], [[1.0, 2.0]], [[1.0, 2.0]])
+
+
+def test_supplied_kernels_and_lengths_refused_on_every_route(xp, rng):
+    q, k, v, g = (xp.asarray(a) for a in _inputs(rng, kv_heads=HKV * GROUP))
+    kernels = tuple(xp.asarray(np.ones(c)) for c in cb.multipole.kernel_shapes(N, block=2, basis=1))
+    options = {"method": "multipole", "block": 2, "basis": 1, "downsample": kernels}
+    with pytest.raises(ValueError, match="lengths= needs downsample='mean'"):
+        cb.attention_gradients(q, k, v, g, lengths=LENGTHS, **options)

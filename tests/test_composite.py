@@ -280,8 +280,12 @@ def test_model_gradient_matches_finite_differences(xp, rng, causal, batch, n, op
     """gradient="model": the exact gradient of composite_attention itself (the selection is
     piecewise constant, so central differences see it fixed)."""
     q, k, v = _problem(rng, batch, n, d=2)
+    _assert_model_gradient(xp, rng, q, k, v, {**options, "causal": causal})
+
+
+def _assert_model_gradient(xp, rng, q, k, v, options):
+    """``gradient="model"`` of composite attention against central differences (to 1e-7)."""
     g = rng.standard_normal(v.shape)
-    options = {**options, "causal": causal}
 
     def loss(q_=q, k_=k, v_=v):
         return float(np.sum(g * composite_attention(q_, k_, v_, **options)))
@@ -352,17 +356,7 @@ def test_model_gradient_with_far_keys_far_below_exact_ones(xp, rng, gap):
     """The model gradient of the same case against central differences: its per-key sums
     are the token sums' adjoint, also free of cancellation."""
     q, k, v = _buried_far_keys(rng, gap, "float64")
-    g = rng.standard_normal(v.shape)
-
-    def loss(q_=q, k_=k, v_=v):
-        return float(np.sum(g * composite_attention(q_, k_, v_, **_BURIED)))
-
-    arrays = [xp.asarray(a) for a in (q, k, v, g)]
-    dq, dk, dv = cb.attention_gradients(*arrays, method="composite", gradient="model", **_BURIED)
-    tol = 1e-7
-    assert_close(dq, _finite_difference(lambda x: loss(q_=x), q), atol=tol, xp=xp)
-    assert_close(dk, _finite_difference(lambda x: loss(k_=x), k), atol=tol, xp=xp)
-    assert_close(dv, _finite_difference(lambda x: loss(v_=x), v), atol=tol, xp=xp)
+    _assert_model_gradient(xp, rng, q, k, v, _BURIED)
 
 
 def test_cross_attention_and_wider_grad_out(rng):

@@ -272,3 +272,15 @@ def test_traced_lengths_are_refused():
     q, k, v = inputs(shape=(2, 1, 8, 4))
     with pytest.raises(TypeError, match="lengths must be concrete"):
         jax.jit(lambda q, k, v, n: cbj.attention(q, k, v, lengths=n))(q, k, v, jnp.array([8, 3]))
+
+
+def test_gradient_results_are_pytrees_under_jit():
+    q = inputs(shape=(2, 8, 4))[0]
+    grads = jax.jit(lambda q: convbasis.attention_backward(q, q, q, q))(q)
+    assert isinstance(grads, convbasis.AttentionGradients)
+    assert_all_close(grads, convbasis.attention_backward(*(np.asarray(q),) * 4), rtol=1e-12)
+
+
+def test_eager_half_precision_keeps_its_dtype():
+    q = inputs(shape=(2, 16, 4), dtype=np.float16)[0]
+    assert cbj.attention(q, q, q, method="conv", rank=2).dtype == jnp.float16

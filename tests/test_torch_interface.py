@@ -263,3 +263,13 @@ def test_gradcheck_grouped_heads_and_lengths(case):
         return cbt.attention(q, k, v, method=method, lengths=(8, 3), **options)
 
     assert torch.autograd.gradcheck(attend, (q, k, v), fast_mode=True)
+
+
+@approximate_conv
+def test_mixed_float32_float64_conv_gradients():
+    q, k = inputs(dtype=torch.float32)[:2]
+    v = inputs(dtype=torch.float64)[2]
+    out = cbt.attention(q, k, v, method="conv", rank=2)
+    out.sum().backward()
+    assert out.dtype == torch.float64
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32,) * 2 + (torch.float64,)

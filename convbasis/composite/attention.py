@@ -12,7 +12,7 @@ from typing import Any
 
 from array_api_compat import device
 
-from .._array import check_integer, validate_attention_inputs
+from .._array import check_integer, user_stacklevel, validate_attention_inputs
 from .._capabilities import EagerOnlyError, traced
 from ..batching import batched_call
 from .operator import CompositeWarning, build
@@ -185,7 +185,7 @@ def _attention(
                 f"{target_error} at budget {budget} (exact fraction {op.exact_fraction:.3g}); "
                 f"{why}",
                 CompositeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             break
         budget, (op, out) = min(2 * budget, n), grown

@@ -103,6 +103,8 @@ def _direct_conv(xp, c, zt):
 def _direct_corr(xp, c, zt, s, e):
     """Columns ``s … e-1`` of ``conv(c)ᵀ Z``: ``Σ_t c[t] Z[j + t]``, one dot product each."""
     n = zt.shape[-1]
+    dtype = xp.result_type(zt, c)  # torch's matmul does not promote mixed float32 / float64
+    zt, c = (a if a.dtype == dtype else xp.astype(a, dtype) for a in (zt, c))
     cols = [zt[..., j:] @ xp.expand_dims(c[..., 0, : n - j], axis=-1) for j in range(s, e)]
     return cols[0] if len(cols) == 1 else xp.concat(cols, axis=-1)
 

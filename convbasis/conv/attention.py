@@ -22,6 +22,7 @@ from array_api_compat import device
 from .._array import (
     namespace,
     upcast_half,
+    user_stacklevel,
     validate_attention_inputs,
     validate_qk,
 )
@@ -212,7 +213,7 @@ def _warn_if_inexact(residual, rank):
             f"attention output may be off by up to about {bound:.3g} x max|V| (docs/math.rst §4): "
             "the logits may lack a few-segment conv structure; raise rank or use another method",
             ConvBasisWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
 

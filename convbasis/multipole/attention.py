@@ -9,7 +9,7 @@ from typing import Any
 from array_api_compat import device
 
 from .._array import resolve_scale, stacked_matmul, sum_to_shape
-from ..batching import batched_call
+from ..batching import batched_call, check_lengths_options
 from ..operators import SquareProducts, check_operands
 from ..results import AttentionGradients
 from .geometry import broadcast_and_pad, document_params, geometry, prepare
@@ -48,17 +48,9 @@ def multipole_attention(
         may have fewer heads than ``q`` (grouped-query attention).
     """
     options = {"block": block, "basis": basis, "causal": causal, "downsample": downsample}
-    _check_lengths_kernels(lengths, downsample)
+    check_lengths_options("multipole", lengths, {"downsample": downsample})
     call = functools.partial(_attention, scale=scale, **options)
     return batched_call(call, q, k, v, lengths=lengths)
-
-
-def _check_lengths_kernels(lengths, downsample):
-    if lengths is not None and not (isinstance(downsample, str) and downsample == "mean"):
-        raise ValueError(
-            "lengths= needs downsample='mean': supplied downsampling kernels, one per level, "
-            "are tied to the padded length, which each sequence length changes"
-        )
 
 
 def _attention(q, k, v, *, block, basis, causal, downsample, scale):
@@ -118,7 +110,7 @@ def multipole_attention_backward(
         :func:`multipole_attention` (about three times the work); no ``n × n`` array.
     """
     options = {"block": block, "basis": basis, "causal": causal, "downsample": downsample}
-    _check_lengths_kernels(lengths, downsample)
+    check_lengths_options("multipole", lengths, {"downsample": downsample})
     call = functools.partial(_attention_backward, scale=scale, **options)
     return batched_call(call, q, k, v, grad_out, lengths=lengths)
 

@@ -31,7 +31,7 @@ class _Level:
 
     A subclass sets ``groups`` (``G``), ``children`` (``C``), ``rows`` (``R``), ``tokens``
     (``T``), ``width`` (tokens per shifted group), ``own`` (whether the group's own tokens are
-    among its ``T``), ``masks`` (boolean arrays broadcasting against the logits) and ``mult``
+    among its ``T``), ``mask`` (a boolean array broadcasting against the logits) and ``mult``
     (``None`` or the token multiplicities ``(G, C, 1, T)``).
     """
 
@@ -60,12 +60,11 @@ class _Level:
     def logits(self, q, keys, scale):
         """Masked logits ``(..., G, C, R, T)`` (``-inf`` where a token is not seen)."""
         xp = self.xp
-        s = scale * stacked_matmul(xp, self.split(q), xp.matrix_transpose(keys))
+        # the scale goes on the n × d queries, not the n × T logits: one pass less over them
+        s = stacked_matmul(xp, self.split(scale * q), xp.matrix_transpose(keys))
         s = xp.reshape(s, (*s.shape[:-2], self.children, self.rows, self.tokens))
         minus_inf = xp.asarray(-xp.inf, dtype=s.dtype, device=device(s))
-        for mask in self.masks:
-            s = xp.where(mask, s, minus_inf)
-        return s
+        return xp.where(self.mask, s, minus_inf)
 
     def weights(self, s, shift):
         """``mult · exp(s − shift)`` with ``shift (..., N)`` (finite or ``+inf``)."""
@@ -94,12 +93,12 @@ class _NearLevel(_Level):
         # key index of token t of block b: (b − 1)m + t; padded or missing keys are masked
         blocks = xp.arange(big // m, device=dev)[:, None]
         key = (blocks - 1) * m + xp.arange(slots * m, device=dev)[None, :]
-        masks = [((key >= 0) & (key < n))[:, None, None, :]]
+        mask = ((key >= 0) & (key < n))[:, None, None, :]
         if geo.causal:
             r = xp.arange(m, device=dev)[:, None]
             t = xp.arange(2 * m, device=dev)[None, :]
-            masks.append(((t < m) | (t - m <= r))[None, None, :, :])
-        self.masks, self.mult = masks, None
+            mask = mask & ((t < m) | (t - m <= r))[None, None, :, :]
+        self.mask, self.mult = mask, None
 
     def gather(self, x):
         """``(..., N, e)`` → ``(..., G, T, e)``: each block's neighbouring keys or values."""
@@ -147,7 +146,7 @@ class _FarLevel(_Level):
         odd = slot != 2
         child = xp.astype(xp.stack([even, odd]), dtype)  # (2, T)
         self.mult = seen[:, None, None, :] * child[None, :, None, :]  # (G, 2, 1, T)
-        self.masks = [self.mult > 0]
+        self.mask = self.mult > 0
 
     def _pool(self, x):
         xp, c = self.xp, self.chunk

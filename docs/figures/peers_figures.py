@@ -5,7 +5,7 @@ interleaved in one process, and their ratio) and docs/figures/peers_crossover.cs
 gradients, both meanings, against SDPA's forward and autograd backward, at d = 16 and 64, with
 the crossover length).  Inputs and options are the asv peer benchmarks'
 (asv_benchmarks/benchmarks/peers.py).  Needs torch (the CPU build).
-Run: python docs/figures/peers_figures.py [max_log2_n]  (default 16; about 10 minutes on two
+Run: python docs/figures/peers_figures.py [max_log2_n]  (default 16; about 12 minutes on two
 cores, most of it in SDPA and the dense reference at the largest n).
 """
 
