@@ -241,10 +241,29 @@ def dense_operator(q, k, /, *, causal=True, scale=None):
     -------
     DenseAttentionOperator
         ``O(n² d)`` time, ``O(n²)`` memory.
+
+    Raises
+    ------
+    MemoryError
+        Before allocating, when the ``(..., n, m)`` weights would exceed
+        :data:`convbasis.polynomial.FEATURE_MEMORY_BUDGET` (a quarter of physical memory):
+        :func:`convbasis.attention` computes exact attention in blocks instead.
     """
-    from .reference import _weights  # reference imports multipole, which imports this module
+    # imported here: reference and polynomial import modules that import this one
+    from .polynomial import FEATURE_MEMORY_BUDGET
+    from .reference import _weights
 
     xp, q, k = validate_qk(q, k, causal=causal)
+    batch = math.prod(broadcast_shapes(tuple(q.shape[:-2]), tuple(k.shape[:-2])))
+    size = batch * q.shape[-2] * k.shape[-2] * (xp.finfo(q.dtype).bits // 8)
+    if size > FEATURE_MEMORY_BUDGET:
+        raise MemoryError(
+            f"the dense attention operator would hold {size / 2**30:.3g} GiB of weights "
+            f"(batch {batch}, n = {q.shape[-2]}, m = {k.shape[-2]}), above the budget of "
+            f"{FEATURE_MEMORY_BUDGET / 2**30:.3g} GiB (convbasis.polynomial."
+            "FEATURE_MEMORY_BUDGET); convbasis.attention and attention_backward compute exact "
+            "attention in blocks of rows, or pick a sub-quadratic method"
+        )
     return DenseAttentionOperator(_weights(xp, q, k, resolve_scale(scale, q.shape[-1]), causal, 0))
 
 

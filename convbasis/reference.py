@@ -11,6 +11,7 @@ A ``block`` option processes queries ``block`` rows at a time, keeping memory at
 from __future__ import annotations
 
 import functools
+import math
 
 import array_api_extra as xpx
 from array_api_compat import device
@@ -25,6 +26,7 @@ from ._array import (
     sum_to_shape,
     validate_attention_inputs,
 )
+from ._validation import broadcast_shapes
 from .batching import batched_call
 from .multipole.geometry import PARAMS_DOC, broadcast_and_pad, geometry, prepare
 from .results import AttentionGradients, SelfAttentionGradients
@@ -41,9 +43,19 @@ __all__ = [
 ]
 
 
-def _check_block(block, n):
+# The default block keeps one block's weights under 256 MiB: all rows at once would hold the
+# whole n × m matrix (64 GiB at n = m = 2^17 in float32).
+_BLOCK_BYTES = 1 << 28
+
+
+def _check_block(xp, block, q, k, *others):
+    """``block`` validated, or the default: the most query rows whose weights, over the whole
+    broadcast batch, fit in :data:`_BLOCK_BYTES`."""
+    n = q.shape[-2]
     if block is None:
-        return n
+        batch = math.prod(broadcast_shapes(*(tuple(a.shape[:-2]) for a in (q, k, *others))))
+        per_row = k.shape[-2] * batch * (xp.finfo(q.dtype).bits // 8)
+        return max(1, min(n, _BLOCK_BYTES // max(per_row, 1)))
     return min(check_integer(block, "block"), n)
 
 
@@ -106,7 +118,8 @@ def attention(q, k, v, /, *, causal=True, scale=None, block=None, lengths=None):
     scale : float, optional
         Logit scale ``s``; default ``1/sqrt(d)``.
     block : int, optional
-        Process this many query rows at a time (memory ``O(block · m)``); default all.
+        Process this many query rows at a time (memory ``O(block · m)``); default: as many
+        as keep one block's weights, over the batch, under 256 MiB.
     lengths : int array ``(batch,)``, optional
         Valid length of each sequence along the first batch axis (``n == m``): the result is
         that of each sequence alone, truncated, with zero rows beyond its length
@@ -130,7 +143,7 @@ def attention(q, k, v, /, *, causal=True, scale=None, block=None, lengths=None):
 def _attention(q, k, v, *, causal, scale, block):
     xp, q, k, v = validate_attention_inputs(q, k, v, causal=causal)
     scale = resolve_scale(scale, q.shape[-1])
-    block = _check_block(block, q.shape[-2])
+    block = _check_block(xp, block, q, k, v)
     out = [
         _weights(xp, q[..., start:stop, :], k[..., :keys, :], scale, causal, start)
         @ v[..., :keys, :]
@@ -179,7 +192,7 @@ def _attention_backward(q, k, v, grad_out, *, causal, scale, block):
             f"got shape {tuple(grad_out.shape)}"
         )
     scale = resolve_scale(scale, q.shape[-1])
-    block = _check_block(block, q.shape[-2])
+    block = _check_block(xp, block, q, k, v, grad_out)
     batch = xp.broadcast_shapes(*(a.shape[:-2] for a in (q, k, v, grad_out)))
     dk = xp.zeros((*batch, *k.shape[-2:]), dtype=q.dtype, device=device(q))
     dv = xp.zeros((*batch, *v.shape[-2:]), dtype=q.dtype, device=device(q))

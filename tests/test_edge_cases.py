@@ -138,3 +138,28 @@ def test_half_precision_comes_back_in_half_precision(backend, xp, rng, method, n
         for got, ref in zip(grads, want, strict=True):
             got = to_numpy(xp.astype(got, xp.float64))
             assert_close(got, ref, atol=atol * max(1.0, float(np.abs(ref).max())))
+
+
+def test_dense_default_blocks_bound_memory(rng, monkeypatch):
+    """block=None never holds the whole n × m weights: rows go in blocks of a fixed size."""
+    import convbasis.reference as ref
+
+    monkeypatch.setattr(ref, "_BLOCK_BYTES", 1 << 20)  # 1 MiB of weights per block
+    q, k, v = rng.standard_normal((3, 1024, 4))
+    g = rng.standard_normal(v.shape)
+    for call in (lambda: cb.attention(q, k, v), lambda: cb.attention_backward(q, k, v, g)):
+        tracemalloc.start()
+        call()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 6 * 2**20  # the full weights would be 8 MiB, times the temporaries
+    assert_close(cb.attention(q, k, v), cb.attention(q, k, v, block=1024), atol=1e-13)
+
+
+def test_dense_operator_refuses_weights_above_the_budget(monkeypatch):
+    import convbasis.polynomial as poly
+
+    monkeypatch.setattr(poly, "FEATURE_MEMORY_BUDGET", 2**20)
+    q = np.zeros((2, 512, 4))  # 2 · 512 · 512 · 8 bytes = 4 MiB of weights
+    with pytest.raises(MemoryError, match="would hold 0.00391 GiB.*blocks of rows"):
+        cb.attention_operator(q, q)
