@@ -161,6 +161,16 @@ DECLARATIONS = {
     "transformer.gradient_errors": Capabilities(
         jit=False, reason="returns Python floats (relative errors)"
     ),
+    # convbasis.torch and convbasis.jax: autodiff through the library's own gradients
+    "torch.attention": Capabilities(
+        backends=("torch",),
+        reason="torch tensors only (a torch.autograd.Function); CUDA tensors untested",
+    ),
+    "jax.attention": Capabilities(
+        backends=("jax",),
+        reason="JAX arrays only (a jax.custom_vjp); under jax.jit lowrank and conv run as "
+        "host callbacks",
+    ),
     # convbasis.dask
     "dask.attention": Capabilities(
         backends=("dask",), reason="Dask arrays with NumPy or CuPy chunks"
@@ -169,7 +179,8 @@ DECLARATIONS = {
         backends=("dask",), reason="Dask arrays with NumPy or CuPy chunks"
     ),
 }
-"""Declarations by public name (``transformer.`` and ``dask.`` for those modules' names).
+"""Declarations by public name (``transformer.``, ``torch.``, ``jax.`` and ``dask.`` for those
+modules' names).
 
 The in-memory functions refuse Dask arrays (:data:`LIBRARIES` ``dask`` column): they read
 values back and loop over Python-level blocks, which :mod:`convbasis.dask` runs per chunk.

@@ -12,12 +12,20 @@ import pytest
 
 import convbasis as cb
 import convbasis.dask
+import convbasis.jax
+import convbasis.torch
 from convbasis import _capabilities as caps
 from convbasis import transformer as T
 from convbasis.testing import assert_close, to_numpy
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
-MODULES = {"": cb, "transformer.": T, "dask.": convbasis.dask}
+MODULES = {
+    "": cb,
+    "transformer.": T,
+    "dask.": convbasis.dask,
+    "torch.": convbasis.torch,
+    "jax.": convbasis.jax,
+}
 # Public names that compute nothing themselves: errors, warnings, the protocol, result and
 # parameter containers, option tables.
 UNDECLARED = {
@@ -100,6 +108,16 @@ def _build(xp, q, k, dev):
     }
 
 
+def _framework(library, q, k, v):
+    """``convbasis.<library>.attention`` on that library's arrays (composite attention, which
+    traces under jit); on NumPy's, the plain function it must agree with."""
+    own = {"torch": array_api_compat.is_torch_array, "jax": array_api_compat.is_jax_array}
+    options = OPTIONS["composite"]
+    if own[library](q):
+        return getattr(convbasis, library).attention(q, k, v, method="composite", **options)
+    return cb.composite_attention(q, k, v, **options)
+
+
 def _self(b, q, k, v, g, method):
     w = [q[0, :D, :], k[0, :D, :], v[0, :D, :]]
     out = cb.self_attention_gradients(q, *w, g, method=method, **OPTIONS[method])
@@ -149,6 +167,9 @@ CALLS = {
         q, k, v, **OPTIONS["composite"]
     ),
     "CompositeAttentionOperator": lambda b, q, k, v, g: b["composite"].hadamard_matmul(g, v, v),
+    # the framework wrappers on their own library; NumPy's reference is the dense oracle
+    "torch.attention": lambda b, q, k, v, g: _framework("torch", q, k, v),
+    "jax.attention": lambda b, q, k, v, g: _framework("jax", q, k, v),
     "transformer.init_params": lambda b, q, k, v, g: tuple(b["params"].leaves().values()),
     "transformer.squared_error_loss": lambda b, q, k, v, g: T.squared_error_loss(v)(q),
     "transformer.cross_entropy_loss": lambda b, q, k, v, g: T.cross_entropy_loss(
