@@ -135,9 +135,9 @@ def batched_call(func, q, k, v, *rows, lengths=None):
 
     ``rows`` are arrays shaped like the output (``grad_out``).  ``func`` returns the output
     ``(..., n, e)`` (or, without ``lengths``, a tuple that starts with it) or a gradient
-    dataclass whose fields ``dq``, ``dk``, ``dv`` are shaped like
-    ``q``, ``k``, ``v`` (its other fields, such as kernel gradients, are summed over the
-    calls).  Without grouped heads or lengths this is just ``func(q, k, v, *rows)``.
+    dataclass whose fields ``dq``, ``dk``, ``dv`` are shaped like ``q``, ``k``, ``v`` (its
+    other fields, such as kernel gradients, are summed over the calls).  Without grouped
+    heads or lengths this is just ``func(q, k, v, *rows)``.
     """
     xp = namespace(q, k, v, *rows)
     groups = group_heads((q, *rows), (k, v))
