@@ -20,6 +20,7 @@ from . import _numpy
 from ._validation import broadcast_shapes, check_integer, user_stacklevel
 
 __all__ = [
+    "as_dtype",
     "as_floating",
     "check_batch",
     "check_integer",
@@ -114,6 +115,11 @@ def as_floating(xp, arrays, names):
             raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
     dtype = xp.result_type(*arrays)
     return tuple(a if a.dtype == dtype else xp.astype(a, dtype) for a in arrays)
+
+
+def as_dtype(xp, x, dtype):
+    """``x`` in ``dtype``, without a copy when it already is."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
 def upcast_half(xp, *arrays):

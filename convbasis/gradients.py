@@ -17,7 +17,7 @@ import itertools
 
 from array_api_compat import device
 
-from ._array import check_last_dim, resolve_scale, sum_to_shape, validate_attention_inputs
+from ._array import as_dtype, check_last_dim, resolve_scale, sum_to_shape, validate_attention_inputs
 from ._capabilities import check_eager
 from .batching import batched_call, check_lengths_options
 from .operators import attention_operator, check_options
@@ -225,16 +225,12 @@ def _gradients(q, k, v, grad_out, *, method, gradient, causal, scale, **method_o
         )
     # A method that computes half precision in float32 (conv) returns it in the inputs' dtype.
     dq, dk, dv = (
-        _as_dtype(xp, sum_to_shape(xp, x, a.shape), q.dtype)
+        as_dtype(xp, sum_to_shape(xp, x, a.shape), q.dtype)
         for x, a in zip(grads, (q, k, v), strict=True)
     )
     # multipole's model gradient carries the supplied kernels' gradients
     ddownsample = getattr(grads, "ddownsample", None)
     return AttentionGradients(dq=dq, dk=dk, dv=dv, ddownsample=ddownsample)
-
-
-def _as_dtype(xp, x, dtype):
-    return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
 def self_attention_gradients(

@@ -23,6 +23,7 @@ import functools
 
 import array_api_compat
 
+from ._array import as_dtype
 from ._capabilities import EagerOnlyError
 from .batching import batched_call, check_lengths_options
 from .gradients import attention_gradients, check_gradient
@@ -35,9 +36,8 @@ def _forward(settings, q, k, v):
     method, causal, scale, _, options = settings
     op = attention_operator(q, k, method=method, causal=causal, scale=scale, **dict(options))
     # a conv operator built from half precision holds float32 (its FFT needs it)
-    out = op.matmul(v)
-    dtype = array_api_compat.array_namespace(out).result_type(q, k, v)
-    return out if out.dtype == dtype else out.astype(dtype)
+    xp = array_api_compat.array_namespace(q, k, v)
+    return as_dtype(xp, op.matmul(v), xp.result_type(q, k, v))
 
 
 def _gradients(settings, q, k, v, grad_out):

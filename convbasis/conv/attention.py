@@ -20,6 +20,7 @@ from typing import Any
 from array_api_compat import device
 
 from .._array import (
+    as_dtype,
     namespace,
     upcast_half,
     user_stacklevel,
@@ -125,14 +126,14 @@ class ConvAttentionOperator:
         """``f Z`` for ``z (..., n, p)``: ``O(k n p log n)`` plus ``O(n p)`` per recomputed row."""
         xp, (z,) = _operands(self, z=z)
         out = self._c_product(xp.matrix_transpose(z)) / self.normaliser[..., None, :]
-        return _as_dtype_of(xp, self.exact_rows.matmul_rows(xp.matrix_transpose(out), z), z)
+        return as_dtype(xp, self.exact_rows.matmul_rows(xp.matrix_transpose(out), z), z.dtype)
 
     def rmatmul(self, z):
         """``fᵀ Z`` for ``z (..., n, p)``."""
         xp, (z,) = _operands(self, z=z)
         scaled = z * (self.exact_rows.keep_mask(z.dtype) / self.normaliser)[..., :, None]
         out = xp.matrix_transpose(self._c_product(xp.matrix_transpose(scaled), transpose=True))
-        return _as_dtype_of(xp, self.exact_rows.rmatmul_add(out, z), z)
+        return as_dtype(xp, self.exact_rows.rmatmul_add(out, z), z.dtype)
 
     def hadamard_matmul(self, g, y, z):
         """``(f ∘ G Yᵀ) Z = Σ_l diag(G_l) f diag(Y_l) Z``; ``g, y (..., n, r)``, ``z (..., n, p)``.
@@ -153,12 +154,6 @@ class ConvAttentionOperator:
         xp = self._xp
         eye = xp.eye(self.n, dtype=self.normaliser.dtype, device=device(self.normaliser))
         return self.matmul(eye)
-
-
-def _as_dtype_of(xp, out, like):
-    """``out`` in ``like``'s dtype: the FFTs compute half precision in float32 (scipy.fft has
-    no float16 transform), and the result comes back in the caller's dtype."""
-    return out if out.dtype == like.dtype else xp.astype(out, like.dtype)
 
 
 def _operands(op, **operands):
@@ -375,4 +370,5 @@ def _attention(q, k, v, *, rank, causal, probe, delta, scale, tolerance):
     op, prod = _build(xp, q, k, rank, causal, probe, delta, scale, tol, with_values=v)
     # In place: prod is our own intermediate, and a fresh (e, n) array costs its page faults.
     prod /= op.normaliser[..., None, :]
-    return _as_dtype_of(xp, op.exact_rows.matmul_rows(xp.matrix_transpose(prod), v), like)
+    # the caller's dtype: half precision was computed in float32 (upcast_half)
+    return as_dtype(xp, op.exact_rows.matmul_rows(xp.matrix_transpose(prod), v), like.dtype)
