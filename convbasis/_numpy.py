@@ -278,9 +278,26 @@ def map_chunks(func, ranges):
     with _single_threaded_blas():
         if _THREADS < 2 or len(ranges) < 2:
             return [func(lo, hi) for lo, hi in ranges]
-        futures = [_thread_pool().submit(func, lo, hi) for lo, hi in ranges[1:]]
-        first = func(*ranges[0])
-        return [first, *(f.result() for f in futures)]
+        # Every thread, the caller included, takes the next range when it is free: a fixed
+        # split would leave the caller idle while the pool works through the rest.
+        results = [None] * len(ranges)
+        lock, taken = threading.Lock(), itertools.count()
+
+        def work():
+            while True:
+                with lock:
+                    i = next(taken)
+                if i >= len(ranges):
+                    return
+                results[i] = func(*ranges[i])
+
+        helpers = [_thread_pool().submit(work) for _ in range(min(_THREADS, len(ranges)) - 1)]
+        try:
+            work()
+        finally:
+            for helper in helpers:
+                helper.result()
+        return results
 
 
 def stacked_matmul(a, b):

@@ -28,7 +28,7 @@ from typing import Any
 from array_api_compat import device
 
 from .._array import index_add, map_chunks
-from .layout import block_chunks, far_positions, level_boxes, take_rows, top_indices
+from .layout import block_chunks, far_positions, level_boxes, paired, take_rows, top_indices
 
 __all__ = [
     "FarField",
@@ -118,8 +118,12 @@ def centre_logits(xp, lay, q, k, valid, scale):
         filled = xp.sum(xp.reshape(xp.astype(valid, q.dtype), (count, width)), axis=-1)
         c = xp.sum(xp.reshape(q, (bt, count, width, q.shape[-1])), axis=-2)
         c = c / xp.reshape(xp.where(filled > 0, filled, 1), (count, 1))
-        keys = gather_boxes(xp, k, box, width)  # (B, boxes, slots, w, d)
-        logits = scale * xp.squeeze(keys @ c[:, :, None, :, None], axis=-1)
+
+        def logit(a, slot, keys, c=c):
+            return scale * xp.squeeze(keys @ c[:, a, :, None], axis=-1)  # (B, A, w)
+
+        keys = xp.reshape(k, (bt, count, width, k.shape[-1]))
+        logits = paired(xp, lay, level, keys, logit, -xp.inf)  # (B, boxes, slots, w)
         keys_valid = xp.reshape(
             xp.take(xp.reshape(valid, (count, width)), xp.reshape(box, (-1,)), axis=0),
             (*box.shape, width),
@@ -315,21 +319,29 @@ def node_sums(xp, lay, far, z):
     ``O(N p)`` per level for the leaves, ``O(nb p)`` for the rest of the trees.
     """
     bt, p = z.shape[0], z.shape[-1]
-    out, roots = [], []
-    for level, w, up, box in zip(lay.levels, far.weights, far.ups, far.boxes, strict=True):
-        width, subs = lay.block << (level - 1), 1 << (level - 1)
-        zg = gather_boxes(xp, z, box, width)
-        sums = xp.sum(
-            xp.reshape(w[..., None] * zg, (bt, *box.shape, subs, lay.block, p)), axis=-2
-        )  # (B, boxes, slots, W, p): the leaves
-        heights = [sums]
+    levels = list(zip(lay.levels, far.weights, far.ups, far.boxes, strict=True))
+
+    def trees(i, _):
+        level, w, up, box = levels[i]
+        subs = 1 << (level - 1)
+
+        def leaves(a, slot, zk):
+            wk = w[:, a, slot, :]
+            wk = xp.reshape(wk, (*wk.shape[:2], subs, 1, lay.block))
+            return xp.squeeze(wk @ zk, axis=-2)  # (B, A, W, p)
+
+        zb = xp.reshape(z, (bt, lay.blocks // subs, subs, lay.block, p))
+        heights = [paired(xp, lay, level, zb, leaves, 0.0)]  # (B, boxes, slots, W, p)
         for start, count in _heights(level)[:-1]:
             merged = up[..., start : start + count, None] * heights[-1]
             heights.append(xp.sum(xp.reshape(merged, (bt, *box.shape, count // 2, 2, p)), axis=-2))
-        unused = xp.zeros((bt, *box.shape, 1, p), dtype=z.dtype, device=device(z))
-        out.append(xp.reshape(xp.concat([*heights, unused], axis=-2), (bt, -1, p)))
-        roots.append(heights[-1][..., 0, :])
-    return xp.concat(out, axis=1), roots
+        unused = xp.zeros_like(heights[-1])
+        tree = xp.concat([*heights, unused], axis=-2)  # per (box, slot): leaves … root, unused
+        return xp.reshape(tree, (bt, -1, p)), heights[-1][..., 0, :]
+
+    # the levels are independent: their trees are built on threads
+    built = map_chunks(xp, trees, [(i, i + 1) for i in range(len(levels))])
+    return xp.concat([tree for tree, _ in built], axis=1), [root for _, root in built]
 
 
 def _candidates(far):

@@ -28,7 +28,7 @@ from array_api_compat import device
 from .._array import index_add, single_threaded_blas
 from .far_field import gather_boxes, keys_to_rows, per_token, token_adjoint, token_sums
 from .layout import as_blocks, block_chunks, scatter_blocks
-from .operator import build, exact_rows
+from .operator import build, exact_rows, heavy_rows
 
 __all__ = ["model_gradients"]
 
@@ -63,8 +63,20 @@ def _gradients(xp, q, k, v, g, *, causal, scale, **options):
         p = op.exact[:, lo:hi, ...]
         ds = p * (gb[:, lo:hi, ...] @ xp.matrix_transpose(values) - delta[:, lo:hi, ...])
         parts.append(s * (ds @ keys))
-        dk = dk + _scatter_exact(xp, op, lo, hi, s * (xp.matrix_transpose(ds) @ qb[:, lo:hi, ...]))
-    dq = xp.concat(parts, axis=1)
+        dk = dk + _scatter_blocks(xp, op, lo, hi, s * (xp.matrix_transpose(ds) @ qb[:, lo:hi, ...]))
+    dq = xp.reshape(xp.concat(parts, axis=1), qf.shape)
+    if op.heavy is not None:  # the heavy columns: one product with every row
+        bt, h = op.heavy.shape
+        keys, values = heavy_rows(xp, op, kf), heavy_rows(xp, op, vf)  # (B, h, ·)
+        p = xp.reshape(op.heavy_weights, (bt, lay.padded, h))
+        ds = p * (gf @ xp.matrix_transpose(values) - xp.reshape(delta, (bt, lay.padded, 1)))
+        dq = dq + s * (ds @ keys)
+        per = s * (xp.matrix_transpose(ds) @ qf)  # (B, h, d)
+        offset = xp.reshape(xp.arange(bt, device=device(per)) * lay.padded, (bt, 1))
+        add = index_add(
+            xp, xp.reshape(op.heavy + offset, (-1,)), xp.reshape(per, (bt * h, -1)), bt * lay.padded
+        )
+        dk = dk + xp.reshape(add, dk.shape)
 
     if lay.tokens:
         d = q.shape[-1]
@@ -74,7 +86,7 @@ def _gradients(xp, q, k, v, g, *, causal, scale, **options):
         _, centre = per_token(xp, lay, op.far, qf)
         p = op.far_weights * op.token_mass[:, :, None, :]  # (B, nb, b, T)
         ds = p * (gb @ xp.matrix_transpose(mean_value) - delta)
-        dq = dq + s * (ds @ mean_key)
+        dq = dq + xp.reshape(s * (ds @ mean_key), qf.shape)
         a = xp.sum(ds, axis=-2)  # (B, nb, T)
         b = s * (xp.matrix_transpose(ds) @ qb - a[..., None] * centre)
         gv = xp.matrix_transpose(p) @ gb  # (B, nb, T, e)
@@ -83,9 +95,8 @@ def _gradients(xp, q, k, v, g, *, causal, scale, **options):
         coef = xp.concat([b, gv, a[..., None], kappa[..., None]], axis=-1) / mass
         dk_far, dc = _token_backward(xp, op, kf, vf, coef)
         dk = dk + dk_far
-        dq = dq + _centre_to_queries(xp, op, dc)
+        dq = dq + xp.reshape(_centre_to_queries(xp, op, dc), qf.shape)
     dv = op.flatten(xp, op.rmatmul(g))
-    dq = xp.reshape(dq, qf.shape)
     return tuple(op.unflatten(xp, x) for x in (dq, dk, dv))
 
 
@@ -93,25 +104,14 @@ def _defaults(options):
     return {"budget": None, "block": None, "sinks": 0, "heavy": None} | options
 
 
-def _scatter_exact(xp, op, lo, hi, contrib):
-    """Key-row gradient ``(B, N, d)`` from ``contrib (B, c, E + h, d)`` of the exact keys."""
-    lay, width = op.layout, op.width
+def _scatter_blocks(xp, op, lo, hi, contrib):
+    """Key-row gradient ``(B, N, d)`` from ``contrib (B, c, E, d)`` of the exact block keys."""
+    lay = op.layout
     blocks = xp.reshape(
-        contrib[..., :width, :],
-        (*contrib.shape[:2], op.ids.shape[-1], lay.block, contrib.shape[-1]),
+        contrib, (*contrib.shape[:2], op.ids.shape[-1], lay.block, contrib.shape[-1])
     )
-    out = xp.reshape(
-        scatter_blocks(xp, lay, op.ids[:, lo:hi, ...], blocks), (blocks.shape[0], lay.padded, -1)
-    )
-    if op.heavy is not None:
-        bt, h = op.heavy.shape
-        per = xp.sum(contrib[..., width:, :], axis=1)  # (B, h, d)
-        offset = xp.reshape(xp.arange(bt, device=device(per)) * lay.padded, (bt, 1))
-        add = index_add(
-            xp, xp.reshape(op.heavy + offset, (-1,)), xp.reshape(per, (bt * h, -1)), bt * lay.padded
-        )
-        out = out + xp.reshape(add, out.shape)
-    return out
+    out = scatter_blocks(xp, lay, op.ids[:, lo:hi, ...], blocks)
+    return xp.reshape(out, (blocks.shape[0], lay.padded, -1))
 
 
 def _token_backward(xp, op, kf, vf, coef):

@@ -29,12 +29,14 @@ __all__ = [
     "Layout",
     "as_blocks",
     "block_chunks",
+    "block_mask",
     "block_scores",
-    "exact_mask",
     "far_positions",
+    "heavy_mask",
     "layout",
     "level_boxes",
     "pad",
+    "paired",
     "scatter_blocks",
     "score_count",
     "select_blocks",
@@ -98,13 +100,66 @@ def layout(n, block, causal):
 def level_boxes(xp, lay, level, dev):
     """Key box of every (query box, slot) at ``level``: ``(boxes, slots)`` ints and validity."""
     boxes = lay.blocks >> (level - 1)
+    a = xp.arange(boxes, device=dev)
+    odd = a % 2 == 1
     index, ok = [], []
-    for a in range(boxes):
-        offs = lay.offsets(a % 2)
-        row = [None if o is None or not 0 <= a + o < boxes else a + o for o in offs]
-        index.append([0 if b is None else b for b in row])
-        ok.append([b is not None for b in row])
-    return xp.asarray(index, device=dev), xp.asarray(ok, device=dev)
+    for even_offset, odd_offset in zip(lay.offsets(0), lay.offsets(1), strict=True):
+        even, step = even_offset or 0, (odd_offset or 0) - (even_offset or 0)
+        key = a + even + step * (a % 2)
+        found = (key >= 0) & (key < boxes)
+        if even_offset is None:
+            found = found & odd
+        if odd_offset is None:
+            found = found & ~odd
+        index.append(xp.where(found, key, xp.zeros_like(key)))
+        ok.append(found)
+    return xp.stack(index, axis=-1), xp.stack(ok, axis=-1)
+
+
+def paired(xp, lay, level, z, func, fill):
+    """``func(a, slot, z_K)`` for every query box and slot at ``level``: ``(B, boxes, slots, ...)``.
+
+    ``z (B, boxes, ...)`` holds the level's boxes of keys; ``a`` is a slice of query boxes
+    and ``z_K`` the rows of ``z`` at their key boxes for ``slot``.  A slot's key box is its
+    query box shifted by the offset for the box's parity (:meth:`Layout.offsets`), so both are
+    strided slices and no key is copied.  ``fill`` where a slot has no key box.
+    """
+    boxes = lay.blocks >> (level - 1)
+    half = boxes // 2
+    pieces = {}
+    for slot in range(lay.slots):
+        for parity in (0, 1):
+            o = lay.offsets(parity)[slot]
+            if o is None:
+                continue
+            lo = max(0, -((o + parity) // 2))  # query box parity + 2i has key box ≥ 0
+            hi = min(half, (boxes - 1 - o - parity) // 2 + 1)  # … and < boxes
+            if lo < hi:
+                start = parity + o + 2 * lo
+                keys = z[:, start : start + 2 * (hi - lo) - 1 : 2, ...]
+                a = slice(parity + 2 * lo, parity + 2 * hi - 1, 2)
+                pieces[slot, parity] = (lo, hi, func(a, slot, keys))
+    like = next(iter(pieces.values()))[2]
+    dev = device(like)
+
+    def filler(count):
+        shape = (like.shape[0], count, *like.shape[2:])
+        return xp.full(shape, fill, dtype=like.dtype, device=dev)
+
+    slots = []
+    for slot in range(lay.slots):
+        halves = []
+        for parity in (0, 1):
+            if (slot, parity) not in pieces:
+                halves.append(filler(half))
+                continue
+            lo, hi, piece = pieces[slot, parity]
+            parts = [filler(lo)] if lo else []
+            parts += [piece, filler(half - hi)] if hi < half else [piece]
+            halves.append(xp.concat(parts, axis=1) if len(parts) > 1 else piece)
+        both = xp.stack(halves, axis=2)  # (B, half, 2, ...): query box 2i + parity
+        slots.append(xp.reshape(both, (like.shape[0], boxes, *like.shape[2:])))
+    return xp.stack(slots, axis=2)
 
 
 def select_blocks(xp, lay, scores, sinks, top):
@@ -267,37 +322,42 @@ def block_scores(xp, lay, qb, kb, valid):
     return scores
 
 
-def exact_mask(xp, lay, ids, ok, heavy, lo, hi):
-    """Which exact slots of query blocks ``lo:hi`` each row sees: ``(B, c, b | 1, E + h)``.
+def block_mask(xp, lay, ids, ok, lo, hi):
+    """Which keys of the exact block slots of query blocks ``lo:hi`` each row sees:
+    ``(B, c, b | 1, E·b)``.
 
-    A block slot: used, the key not padding, and (causal) not in the row's future.  A heavy
-    column: not padding, not in the future, and not already in one of the row's blocks.
+    A slot's key: the slot used and the key not padding.  Only the band's diagonal block can
+    hold keys in a row's future (sinks and top blocks lie before the band), so the causal mask
+    is one static ``b × b`` triangle there.
     """
     b = lay.block
     dev = device(ids)
     ids, ok = ids[:, lo:hi, ...], ok[:, lo:hi, ...]
-    key_pos = xp.reshape(ids[..., None] * b + xp.arange(b, device=dev), (*ids.shape[:2], -1))
-    seen = xp.reshape(xp.broadcast_to(ok[..., None], (*ok.shape, b)), key_pos.shape)
-    seen = (seen & (key_pos < lay.n))[:, :, None, :]
-    query_pos = xp.reshape(xp.arange(lo * b, hi * b, device=dev), (hi - lo, b, 1))
-    if lay.causal:
-        seen = seen & (key_pos[:, :, None, :] <= query_pos)
-    if heavy is None:
+    key_pos = ids[..., None] * b + xp.arange(b, device=dev)  # (B, c, E, b)
+    seen = xp.reshape(ok[..., None] & (key_pos < lay.n), (*ids.shape[:2], 1, -1))
+    if not lay.causal:
         return seen
+    row = xp.arange(b, device=dev)
+    diagonal = lay.band.index(0)
+    rows = [xp.ones((b, b), dtype=xp.bool, device=dev)] * ids.shape[-1]
+    rows[diagonal] = row[None, :] <= row[:, None]
+    return seen & xp.concat(rows, axis=-1)
+
+
+def heavy_mask(xp, lay, ids, ok, heavy, lo, hi):
+    """Which heavy columns ``heavy (B, h)`` the rows of query blocks ``lo:hi`` see exactly:
+    ``(B, c, b | 1, h)`` — not padding, not in the row's future, and not already in one of
+    the row's exact blocks."""
+    b = lay.block
+    ids, ok = ids[:, lo:hi, ...], ok[:, lo:hi, ...]
     duplicate = xp.any(
         (ids[:, :, :, None] == (heavy // b)[:, None, None, :]) & ok[..., None], axis=2
     )
     cols = ~duplicate[:, :, None, :] & (heavy < lay.n)[:, None, None, :]
     if lay.causal:
+        query_pos = xp.reshape(xp.arange(lo * b, hi * b, device=device(ids)), (hi - lo, b, 1))
         cols = cols & (heavy[:, None, None, :] <= query_pos)
-    shape = (*seen.shape[:2], max(seen.shape[2], cols.shape[2]))
-    return xp.concat(
-        [
-            xp.broadcast_to(seen, (*shape, seen.shape[-1])),
-            xp.broadcast_to(cols, (*shape, cols.shape[-1])),
-        ],
-        axis=-1,
-    )
+    return cols
 
 
 def valid_rows(xp, lay, lo, hi, dtype, dev):

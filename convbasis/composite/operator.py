@@ -47,8 +47,9 @@ from .far_field import (
 from .layout import (
     as_blocks,
     block_chunks,
+    block_mask,
     block_scores,
-    exact_mask,
+    heavy_mask,
     layout,
     pad,
     scatter_blocks,
@@ -58,7 +59,13 @@ from .layout import (
     valid_rows,
 )
 
-__all__ = ["CompositeAttentionOperator", "CompositeWarning", "composite_operator", "exact_rows"]
+__all__ = [
+    "CompositeAttentionOperator",
+    "CompositeWarning",
+    "composite_operator",
+    "exact_rows",
+    "heavy_rows",
+]
 
 
 class CompositeWarning(UserWarning):
@@ -89,9 +96,10 @@ class CompositeAttentionOperator(SquareProducts):
         not).
     heavy : int array ``(B, h)`` or None
         The heavy key columns every query sees exactly.
-    exact : array ``(B, nb, b, E + h)``
-        Normalised weights of the exact keys, the blocks' then the heavy columns' (zero where
-        a slot is unused, masked or a duplicate).
+    exact : array ``(B, nb, b, E)``
+        Normalised weights of the exact blocks' keys (zero where a slot is unused or masked).
+    heavy_weights : array ``(B, nb, b, h)`` or None
+        Normalised weights of the heavy columns (zero where masked or already in a block).
     far
         The far field (``convbasis.composite.far_field.FarField``).
     far_weights : array ``(B, nb, b, T)``
@@ -110,6 +118,7 @@ class CompositeAttentionOperator(SquareProducts):
     used: Any
     heavy: Any
     exact: Any
+    heavy_weights: Any
     far: Any
     far_weights: Any
     token_mass: Any
@@ -120,11 +129,6 @@ class CompositeAttentionOperator(SquareProducts):
     def shape(self):
         """``(*batch, n, n)``, the shape of ``to_dense()``."""
         return (*self.batch, self.layout.n, self.layout.n)
-
-    @property
-    def width(self):
-        """Exact keys per row held in blocks, ``E`` (the heavy columns come after them)."""
-        return self.ids.shape[-1] * self.layout.block
 
     def flatten(self, xp, x):
         """``x (..., n, p)`` broadcast to the batch, flattened and padded: ``(B, N, p)``."""
@@ -169,6 +173,9 @@ class CompositeAttentionOperator(SquareProducts):
         return dataclasses.replace(
             self,
             exact=xp.astype(self.exact, dtype),
+            heavy_weights=None
+            if self.heavy_weights is None
+            else xp.astype(self.heavy_weights, dtype),
             far_weights=xp.astype(self.far_weights, dtype),
             far=self.far.astype(xp, dtype),
         )
@@ -197,6 +204,8 @@ class CompositeAttentionOperator(SquareProducts):
                 block_chunks(lay, op.ids.shape[-1] * z.shape[-1]),
             )
             out = xp.concat(parts, axis=1)
+            if op.heavy is not None:
+                out = out + _heavy_matmul(xp, op, z)
             if lay.tokens:
                 out = out + op.far_weights @ token_sums(xp, lay, op.far, z)
         return self._finish(xp, xp.reshape(out, z.shape), fold)
@@ -325,8 +334,8 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy):
     ids, ok = select_blocks(xp, lay, block_scores(xp, lay, qb, kb, valid), sinks, top)
     band = len(lay.band)
     levels, evaluations = centre_logits(xp, lay, q, k, valid, scale)
-    heavy_ids, heavy_mask = heavy_columns(xp, lay, levels, q, valid, heavy)
-    far = far_field(xp, lay, levels, heavy_mask, ids[..., band:], ok[..., band:], evaluations)
+    heavy_ids, is_heavy = heavy_columns(xp, lay, levels, q, valid, heavy)
+    far = far_field(xp, lay, levels, is_heavy, ids[..., band:], ok[..., band:], evaluations)
 
     # Far-field logits: first order around each token's centre (module docstring).
     ones = xp.ones((bt, lay.padded, 1), dtype=q.dtype, device=dev)
@@ -343,29 +352,47 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy):
     token_logits = xp.where(keep[:, :, None, :], token_logits, minus_inf)
 
     source = k if v is None else xp.concat([k, v], axis=-1)
-    heavy_rows = None if heavy_ids is None else take_rows(xp, source, heavy_ids[:, None, :])
+    # The heavy columns are the same for every row: one product of all queries with them.
+    heavy_source = None
+    if heavy_ids is not None:
+        heavy_source = take_rows(xp, source, heavy_ids[:, None, :])[:, 0, ...]  # (B, h, ·)
 
     def chunk(lo, hi):
-        keys = _gather(xp, lay, source, ids[:, lo:hi, ...], heavy_rows)  # (B, c, E + h, ·)
+        keys = _gather(xp, lay, source, ids[:, lo:hi, ...])  # (B, c, E, ·)
         logits = scale * (qb[:, lo:hi, ...] @ xp.matrix_transpose(keys[..., :d]))
-        mask = exact_mask(xp, lay, ids, ok, heavy_ids, lo, hi)
+        mask = block_mask(xp, lay, ids, ok, lo, hi)
         logits = xp.where(mask, logits, minus_inf)
-        tok = token_logits[:, lo:hi, ...]
+        rows = valid_rows(xp, lay, lo, hi, q.dtype, dev)
+        seen = xp.sum(xp.astype(mask, q.dtype) * rows)
         top_logit = xp.max(logits, axis=-1)
+        if heavy_source is not None:
+            heavy_logits = scale * _rows_times(xp, qb[:, lo:hi, ...], heavy_source[..., :d], True)
+            cols = heavy_mask(xp, lay, ids, ok, heavy_ids, lo, hi)
+            heavy_logits = xp.where(cols, heavy_logits, minus_inf)
+            seen = seen + xp.sum(xp.astype(cols, q.dtype) * rows)
+            top_logit = xp.maximum(top_logit, xp.max(heavy_logits, axis=-1))
+        tok = token_logits[:, lo:hi, ...]
         if lay.tokens:
             top_logit = xp.maximum(top_logit, xp.max(tok, axis=-1))
         top_logit = xp.where(xp.isfinite(top_logit), top_logit, xp.zeros_like(top_logit))
         w = xp.exp(logits - top_logit[..., None])
         t = xp.exp(tok - top_logit[..., None])
         norm = xp.sum(w, axis=-1) + xp.sum(t, axis=-1)
+        if heavy_source is not None:
+            wh = xp.exp(heavy_logits - top_logit[..., None])
+            norm = norm + xp.sum(wh, axis=-1)
         norm = xp.where(norm > 0, norm, xp.ones_like(norm))[..., None]
         w, t = w / norm, t / (norm * mass[:, lo:hi, None, :])
-        seen = xp.sum(xp.astype(mask, q.dtype) * valid_rows(xp, lay, lo, hi, q.dtype, dev))
-        out = None if v is None else w @ keys[..., d:] + t @ sums[:, lo:hi, :, d + 1 :]
-        return w, t, seen, out
+        wh = None if heavy_source is None else wh / norm
+        out = None
+        if v is not None:
+            out = w @ keys[..., d:] + t @ sums[:, lo:hi, :, d + 1 :]
+            if wh is not None:
+                out = out + _rows_times(xp, wh, heavy_source[..., d:], False)
+        return w, wh, t, seen, out
 
     parts = map_chunks(xp, chunk, block_chunks(lay, ids.shape[-1] * source.shape[-1]))
-    exact, far_weights, seen, outs = zip(*parts, strict=True)
+    exact, heavy_weights, far_weights, seen, outs = zip(*parts, strict=True)
     weights = xp.reshape(xp.astype(valid, q.dtype), (nb, b, 1))
     counts = (
         sum(seen) / bt,
@@ -380,6 +407,7 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy):
         used=ok,
         heavy=heavy_ids,
         exact=xp.concat(exact, axis=1),
+        heavy_weights=None if heavy_source is None else xp.concat(heavy_weights, axis=1),
         far=far,
         far_weights=xp.concat(far_weights, axis=1),
         token_mass=mass,
@@ -396,25 +424,33 @@ def _flat(xp, a, batch, padded):
     return pad(xp, xp.reshape(a, (math.prod(batch), *a.shape[-2:])), padded)
 
 
-def _gather(xp, lay, x, ids, heavy_rows):
-    """Rows of ``x (B, N, p)`` at the exact blocks ``ids (B, c, E/b)`` then the heavy columns
-    (``heavy_rows (B, 1, h, p)``): ``(B, c, E + h, p)``."""
+def _gather(xp, lay, x, ids):
+    """Rows of ``x (B, N, p)`` at the exact blocks ``ids (B, c, E/b)``: ``(B, c, E, p)``."""
     rows = take_rows(xp, as_blocks(xp, lay, x), ids)  # (B, c, E/b, b, p)
-    rows = xp.reshape(rows, (*rows.shape[:2], ids.shape[-1] * lay.block, rows.shape[-1]))
-    if heavy_rows is None:
-        return rows
-    heavy = xp.broadcast_to(heavy_rows, (*rows.shape[:2], *heavy_rows.shape[2:]))
-    return xp.concat([rows, heavy], axis=-2)
+    return xp.reshape(rows, (*rows.shape[:2], ids.shape[-1] * lay.block, rows.shape[-1]))
+
+
+def _rows_times(xp, x, y, transpose):
+    """``x (B, c, b, r)`` with its rows flattened times ``y (B, h, r)`` (``yᵀ`` when
+    ``transpose``, else ``y (B, r, t)``): one large product per batch row, ``(B, c, b, ·)``."""
+    flat = xp.reshape(x, (x.shape[0], -1, x.shape[-1]))
+    out = flat @ (xp.matrix_transpose(y) if transpose else y)
+    return xp.reshape(out, (*x.shape[:3], out.shape[-1]))
+
+
+def _heavy_matmul(xp, op, z):
+    """The heavy columns' part of ``f z`` for padded, flattened ``z (B, N, p)``: ``(B, nb, b,
+    p)``."""
+    return _rows_times(xp, op.heavy_weights, heavy_rows(xp, op, z), False)
 
 
 def _transposed(xp, op, z):
     """``fᵀ z`` for padded, flattened ``z (B, N, p)``."""
     lay = op.layout
     zb = as_blocks(xp, lay, z)
-    width = op.width
 
     def chunk(lo, hi):
-        c = xp.matrix_transpose(op.exact[:, lo:hi, :, :width]) @ zb[:, lo:hi, ...]
+        c = xp.matrix_transpose(op.exact[:, lo:hi, ...]) @ zb[:, lo:hi, ...]
         c = xp.reshape(c, (*c.shape[:2], op.ids.shape[-1], lay.block, c.shape[-1]))
         return scatter_blocks(xp, lay, op.ids[:, lo:hi, ...], c)
 
@@ -422,7 +458,8 @@ def _transposed(xp, op, z):
     out = xp.reshape(sum(parts[1:], parts[0]), z.shape)
     if op.heavy is not None:
         bt, h = op.heavy.shape
-        ch = xp.sum(xp.matrix_transpose(op.exact[..., width:]) @ zb, axis=1)  # (B, h, p)
+        weights = xp.reshape(op.heavy_weights, (bt, lay.padded, h))
+        ch = xp.matrix_transpose(weights) @ z  # (B, h, p)
         offset = xp.reshape(xp.arange(bt, device=device(z)) * lay.padded, (bt, 1))
         target = xp.reshape(op.heavy + offset, (-1,))
         add = index_add(xp, target, xp.reshape(ch, (bt * h, ch.shape[-1])), bt * lay.padded)
@@ -434,6 +471,11 @@ def _transposed(xp, op, z):
 
 
 def exact_rows(xp, op, x, lo, hi):
-    """Rows of ``x (B, N, p)`` at the exact keys of query blocks ``lo:hi``: ``(B, c, E + h, p)``."""
-    heavy = None if op.heavy is None else take_rows(xp, x, op.heavy[:, None, :])
-    return _gather(xp, op.layout, x, op.ids[:, lo:hi, ...], heavy)
+    """Rows of ``x (B, N, p)`` at the exact block keys of query blocks ``lo:hi``:
+    ``(B, c, E, p)`` (the heavy columns: :func:`heavy_rows`)."""
+    return _gather(xp, op.layout, x, op.ids[:, lo:hi, ...])
+
+
+def heavy_rows(xp, op, x):
+    """Rows of ``x (B, N, p)`` at the heavy columns: ``(B, h, p)``."""
+    return take_rows(xp, x, op.heavy[:, None, :])[:, 0, ...]
