@@ -350,7 +350,7 @@ def _candidates(far):
 
 
 def _chunks(lay, far, p):
-    per_block = far.nodes.shape[-2] * far.nodes.shape[-1] * p
+    per_block = (far.nodes.shape[-2] * far.nodes.shape[-1] + lay.tokens) * p
     return block_chunks(lay, -(-per_block // lay.block))
 
 
@@ -364,23 +364,24 @@ def token_sums(xp, lay, far, z):
     if not lay.tokens:
         return xp.zeros((bt, lay.blocks, 0, p), dtype=z.dtype, device=dev)
     nodes, roots = node_sums(xp, lay, far, z)
-    whole = [
-        xp.take(r, _ancestors(xp, lay, level, dev), axis=1)
-        for level, r in zip(lay.levels, roots, strict=True)
-    ]
-    out = far.roots[..., None] * xp.reshape(xp.concat(whole, axis=2), (bt, lay.blocks, -1, p))
-    if not _candidates(far):
-        return out
+    candidates = _candidates(far)
 
     def chunk(lo, hi):
+        whole = [
+            xp.take(r, _ancestors(xp, lay, level, dev)[lo:hi], axis=1)
+            for level, r in zip(lay.levels, roots, strict=True)
+        ]
+        out = far.roots[:, lo:hi, :, None] * xp.concat(whole, axis=2)  # (B, c, T, p)
+        if not candidates:
+            return out
         index = far.nodes[:, lo:hi, ...]
         kept = take_rows(xp, nodes, xp.reshape(index, (bt, hi - lo, -1)))
         kept = xp.reshape(kept, (*index.shape, p))  # (B, c, x, H, p)
         per_drop = xp.squeeze(far.node_weights[:, lo:hi, :, None, :] @ kept, axis=-2)
         hot = one_hot(xp, lay, far.token[:, lo:hi, ...], z.dtype)
-        return xp.matrix_transpose(hot) @ per_drop  # (B, c, T, p)
+        return out + xp.matrix_transpose(hot) @ per_drop
 
-    return out + xp.concat(map_chunks(xp, chunk, _chunks(lay, far, p)), axis=1)
+    return xp.concat(map_chunks(xp, chunk, _chunks(lay, far, p)), axis=1)
 
 
 def token_adjoint(xp, lay, far, y):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import array_api_extra as xpx
 from array_api_compat import device
 
-from .._array import index_add
+from .._array import index_add, map_chunks
 
 __all__ = [
     "Layout",
@@ -179,10 +179,8 @@ def select_blocks(xp, lay, scores, sinks, top):
         ``E = len(band) + sinks + top``, the band first.
     """
     nb = lay.blocks
-    chunks = []
-    step = max(1, _SCORE_CHUNK // max(nb, 1))
-    for lo in range(0, nb, step):
-        hi = min(lo + step, nb)
+
+    def chunk(lo, hi):
         s = scores(lo, hi)
         dev = device(s)
         query = xp.arange(lo, hi, device=dev)[:, None]
@@ -208,7 +206,10 @@ def select_blocks(xp, lay, scores, sinks, top):
         ok = xp.concat(
             [xp.broadcast_to(k, (*s.shape[:-1], k.shape[-1])) for _, k in parts], axis=-1
         )
-        chunks.append((xp.clip(ids, 0, nb - 1), ok))
+        return xp.clip(ids, 0, nb - 1), ok
+
+    step = max(1, _SCORE_CHUNK // max(nb, 1))
+    chunks = map_chunks(xp, chunk, [(lo, min(lo + step, nb)) for lo in range(0, nb, step)])
     ids = xp.concat([c[0] for c in chunks], axis=-2)
     ok = xp.concat([c[1] for c in chunks], axis=-2)
     return ids, ok
