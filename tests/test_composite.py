@@ -33,8 +33,9 @@ def _interaction_list(a, boxes, causal):
     return [c for c in far if c < a] if causal else far
 
 
-def _composite_weights(op, q, k, causal, scale):
-    """Dense weights of the composite operator of one head ``q, k (n, d)`` (NumPy, float64)."""
+def _composite_weights(op, q, k, causal, scale, counts=None):
+    """Dense weights of the composite operator of one head ``q, k (n, d)`` (NumPy, float64);
+    the number of exact logits of each row is appended to ``counts`` when given."""
     n = q.shape[0]
     b, nb = op.layout.block, op.layout.blocks
     ids, used = to_numpy(op.ids)[0], to_numpy(op.used)[0]
@@ -46,6 +47,8 @@ def _composite_weights(op, q, k, causal, scale):
         allowed = [j for j in range(n) if j <= i or not causal]
         exact = [j for j in allowed if j // b in blocks or j in heavy]
         logits = [scale * q[i] @ k[j] for j in exact]
+        if counts is not None:
+            counts.append(len(exact))
         tokens = []
         levels = int(math.log2(nb))
         for level in range(1, levels):
@@ -103,9 +106,12 @@ def test_weights_match_the_dense_construction(n, block, extra, sinks, causal, se
     block = min(block, n)
     budget = max(_budget(n, block, causal, extra), min(n, (2 + sinks + (not causal)) * block))
     op = composite_operator(q, k, causal=causal, block=block, budget=budget, sinks=sinks)
-    want = _composite_weights(op, q, k, causal, 1 / math.sqrt(3))
+    counts = []
+    want = _composite_weights(op, q, k, causal, 1 / math.sqrt(3), counts)
     f = to_numpy(op.to_dense())
     assert_close(f, want, atol=1e-12)
+    # exact_fraction counts each exact logit once (a heavy column in an exact block too)
+    assert op.exact_fraction * op.allowed == pytest.approx(sum(counts))
     # Every allowed key is seen exactly once, exactly or inside one token.
     allowed = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
     assert np.all(f[allowed] > 0)

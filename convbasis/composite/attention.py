@@ -168,6 +168,7 @@ def _attention(
         )
     options = dict(causal=causal, scale=scale, block=block, sinks=sinks, heavy=heavy)
     budget = min(128, n) if budget is None else min(check_integer(budget, "budget"), n)
+    options["weights"] = False  # the forward and its report need no weights
     op, out = build(xp, q, k, v, budget=budget, **options)
     if target_error is None and not return_report:
         return out

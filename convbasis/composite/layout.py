@@ -31,6 +31,7 @@ __all__ = [
     "block_chunks",
     "block_mask",
     "block_scores",
+    "exact_count",
     "far_positions",
     "heavy_mask",
     "layout",
@@ -323,42 +324,63 @@ def block_scores(xp, lay, qb, kb, valid):
     return scores
 
 
-def block_mask(xp, lay, ids, ok, lo, hi):
-    """Which keys of the exact block slots of query blocks ``lo:hi`` each row sees:
-    ``(B, c, b | 1, E·b)``.
+def block_mask(xp, lay, ids, ok, heavy, lo, hi):
+    """Which keys of the exact block slots of query blocks ``lo:hi`` the rows see, as
+    ``(keys (B, c, 1, E), rows (b, E) or None)``: their product is the mask.
 
-    A slot's key: the slot used and the key not padding.  Only the band's diagonal block can
-    hold keys in a row's future (sinks and top blocks lie before the band), so the causal mask
-    is one static ``b × b`` triangle there.
+    ``keys``: the slot used, the key not padding and not one of the ``heavy (B, N)`` columns
+    (which have their own exact part).  Only the band's diagonal block holds keys in a row's
+    future (sinks and top blocks lie before the band), so ``rows``, with the causal mask, is
+    one static ``b × b`` triangle there.
     """
     b = lay.block
     dev = device(ids)
     ids, ok = ids[:, lo:hi, ...], ok[:, lo:hi, ...]
-    key_pos = ids[..., None] * b + xp.arange(b, device=dev)  # (B, c, E, b)
-    seen = xp.reshape(ok[..., None] & (key_pos < lay.n), (*ids.shape[:2], 1, -1))
+    keys = ok[..., None] & (ids[..., None] * b + xp.arange(b, device=dev) < lay.n)
+    if heavy is not None:
+        keys = keys & ~take_rows(xp, xp.reshape(heavy, (heavy.shape[0], -1, b)), ids)
+    keys = xp.reshape(keys, (*ids.shape[:2], 1, -1))  # (B, c, 1, E)
     if not lay.causal:
-        return seen
+        return keys, None
     row = xp.arange(b, device=dev)
-    diagonal = lay.band.index(0)
     rows = [xp.ones((b, b), dtype=xp.bool, device=dev)] * ids.shape[-1]
-    rows[diagonal] = row[None, :] <= row[:, None]
-    return seen & xp.concat(rows, axis=-1)
+    rows[lay.band.index(0)] = row[None, :] <= row[:, None]
+    return keys, xp.concat(rows, axis=-1)
 
 
-def heavy_mask(xp, lay, ids, ok, heavy, lo, hi):
-    """Which heavy columns ``heavy (B, h)`` the rows of query blocks ``lo:hi`` see exactly:
-    ``(B, c, b | 1, h)`` — not padding, not in the row's future, and not already in one of
-    the row's exact blocks."""
+def heavy_mask(xp, lay, heavy, lo, hi):
+    """Which heavy columns ``heavy (B, h)`` the rows of query blocks ``lo:hi`` see:
+    ``(B, c | 1, b | 1, h)``, those not padding nor in the row's future."""
+    cols = (heavy < lay.n)[:, None, None, :]
+    if not lay.causal:
+        return cols
     b = lay.block
-    ids, ok = ids[:, lo:hi, ...], ok[:, lo:hi, ...]
-    duplicate = xp.any(
-        (ids[:, :, :, None] == (heavy // b)[:, None, None, :]) & ok[..., None], axis=2
+    query_pos = xp.reshape(xp.arange(lo * b, hi * b, device=device(heavy)), (hi - lo, b, 1))
+    return cols & (heavy[:, None, None, :] <= query_pos)
+
+
+def exact_count(xp, lay, keys, rows, heavy, lo, hi, dtype):
+    """Exact logits of the valid rows of query blocks ``lo:hi`` (a 0-d array): the block
+    slots' (:func:`block_mask`'s ``keys`` and ``rows``) and the visible heavy columns'
+    ``heavy (B, h)``, counted per column rather than per logit."""
+    b, dev = lay.block, device(keys)
+    start = xp.arange(lo, hi, device=dev) * b
+    stop = xp.minimum(start + b, xp.full_like(start, lay.n))
+    valid = xp.astype(xp.arange(b, device=dev)[None, :] < (stop - start)[:, None], dtype)
+    per_key = (
+        xp.sum(valid, axis=-1, keepdims=True)
+        if rows is None
+        else valid @ xp.astype(rows, dtype)  # (c, 1 | E): valid rows seeing each key
     )
-    cols = ~duplicate[:, :, None, :] & (heavy < lay.n)[:, None, None, :]
-    if lay.causal:
-        query_pos = xp.reshape(xp.arange(lo * b, hi * b, device=device(ids)), (hi - lo, b, 1))
-        cols = cols & (heavy[:, None, None, :] <= query_pos)
-    return cols
+    count = xp.sum(xp.astype(keys[:, :, 0, :], dtype) * per_key)
+    if heavy is None:
+        return count
+    first = start[:, None]
+    if lay.causal:  # rows from max(block start, column) to the block's last valid row
+        first = xp.maximum(first, heavy[:, None, :])
+    per_column = xp.clip(stop[:, None] - first, 0, None)
+    per_column = xp.where((heavy < lay.n)[:, None, :], per_column, xp.zeros_like(per_column))
+    return count + xp.sum(xp.astype(per_column, dtype))
 
 
 def valid_rows(xp, lay, lo, hi, dtype, dev):

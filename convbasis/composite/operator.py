@@ -49,6 +49,7 @@ from .layout import (
     block_chunks,
     block_mask,
     block_scores,
+    exact_count,
     heavy_mask,
     layout,
     pad,
@@ -56,11 +57,11 @@ from .layout import (
     score_count,
     select_blocks,
     take_rows,
-    valid_rows,
 )
 
 __all__ = [
     "CompositeAttentionOperator",
+    "CompositeCost",
     "CompositeWarning",
     "composite_operator",
     "exact_rows",
@@ -73,7 +74,55 @@ class CompositeWarning(UserWarning):
 
 
 @dataclass(frozen=True)
-class CompositeAttentionOperator(SquareProducts):
+class CompositeCost:
+    """What one composite pass computed: its layout and logit counts (no weights).
+
+    Attributes
+    ----------
+    layout
+        The block geometry (``convbasis.composite.layout.Layout``).
+    batch : tuple of int
+        Broadcast leading axes of ``q`` and ``k``; internally flattened to ``B`` rows.
+    scale : float
+    counts : tuple
+        Logit evaluations per batch element: exact, far-field tokens, centres, block scores.
+    """
+
+    layout: Any
+    batch: tuple[int, ...]
+    scale: float
+    counts: tuple[Any, ...]
+
+    def flatten(self, xp, x):
+        """``x (..., n, p)`` broadcast to the batch, flattened and padded: ``(B, N, p)``."""
+        return _flat(xp, x, self.batch, self.layout.padded)
+
+    def unflatten(self, xp, x):
+        """``(B, N, p)`` → ``(*batch, n, p)``."""
+        x = x[:, : self.layout.n, :]
+        return xp.reshape(x, (*self.batch, *x.shape[-2:]))
+
+    @property
+    def allowed(self):
+        """The number of allowed logits per batch element (``n (n + 1) / 2`` causal, else
+        ``n²``)."""
+        n = self.layout.n
+        return n * (n + 1) // 2 if self.layout.causal else n * n
+
+    @property
+    def exact_fraction(self):
+        """Share of the allowed logits computed exactly (mean over the batch), a float."""
+        return float(self.counts[0]) / self.allowed
+
+    @property
+    def work_fraction(self):
+        """All logit evaluations (exact, far-field tokens per row, centres, block scores)
+        over the allowed logits, a float: the honest cost relative to dense attention."""
+        return sum(float(c) for c in self.counts) / self.allowed
+
+
+@dataclass(frozen=True)
+class CompositeAttentionOperator(CompositeCost, SquareProducts):
     """The normalised composite weights ``f (..., n, n)`` as an operator.
 
     Build with :func:`composite_operator`.  ``matmul(z)`` and ``rmatmul(z)`` cost
@@ -84,10 +133,8 @@ class CompositeAttentionOperator(SquareProducts):
 
     Attributes
     ----------
-    layout
-        The block geometry (``convbasis.composite.layout.Layout``).
-    batch : tuple of int
-        Broadcast leading axes of ``q`` and ``k``; internally flattened to ``B`` rows.
+    layout, batch, scale, counts
+        As in :class:`CompositeCost`.
     ids : int array ``(B, nb, E/b)``
         Key block of each exact slot of each query block: the band first, then the sinks,
         then the top blocks.
@@ -107,13 +154,8 @@ class CompositeAttentionOperator(SquareProducts):
     token_mass : array ``(B, nb, T)``
         ``Z_τ = Σ_{j∈τ} e^{s c·k_j − m_τ}``, the token's centre weights relative to its own
         largest centre logit ``m_τ`` (1 for empty tokens).
-    scale : float
-    counts : tuple
-        Logit evaluations per batch element: exact, far-field tokens, centres, block scores.
     """
 
-    layout: Any
-    batch: tuple[int, ...]
     ids: Any
     used: Any
     heavy: Any
@@ -122,29 +164,11 @@ class CompositeAttentionOperator(SquareProducts):
     far: Any
     far_weights: Any
     token_mass: Any
-    scale: float
-    counts: tuple[Any, ...]
 
     @property
     def shape(self):
         """``(*batch, n, n)``, the shape of ``to_dense()``."""
         return (*self.batch, self.layout.n, self.layout.n)
-
-    def flatten(self, xp, x):
-        """``x (..., n, p)`` broadcast to the batch, flattened and padded: ``(B, N, p)``."""
-        return _flat(xp, x, self.batch, self.layout.padded)
-
-    def unflatten(self, xp, x):
-        """``(B, N, p)`` → ``(*batch, n, p)``."""
-        x = x[:, : self.layout.n, :]
-        return xp.reshape(x, (*self.batch, *x.shape[-2:]))
-
-    @property
-    def allowed(self):
-        """The number of allowed logits per batch element (``n (n + 1) / 2`` causal, else
-        ``n²``)."""
-        n = self.layout.n
-        return n * (n + 1) // 2 if self.layout.causal else n * n
 
     def _prepare(self, z, name="z"):
         """Check ``z (..., n, p)`` and fold it into ``(B, N, p')``.
@@ -221,17 +245,6 @@ class CompositeAttentionOperator(SquareProducts):
     def _like(self):
         return self.exact
 
-    @property
-    def exact_fraction(self):
-        """Share of the allowed logits computed exactly (mean over the batch), a float."""
-        return float(self.counts[0]) / self.allowed
-
-    @property
-    def work_fraction(self):
-        """All logit evaluations (exact, far-field tokens per row, centres, block scores)
-        over the allowed logits, a float: the honest cost relative to dense attention."""
-        return sum(float(c) for c in self.counts) / self.allowed
-
 
 def composite_operator(
     q, k, /, *, causal=True, scale=None, budget=None, block=None, sinks=0, heavy=None
@@ -282,9 +295,13 @@ def composite_operator(
     return op
 
 
-def build(xp, q, k, v, *, causal, scale, budget, block, sinks, heavy):
+def build(xp, q, k, v, *, causal, scale, budget, block, sinks, heavy, weights=True):
     """The operator of validated ``q, k`` and, when ``v`` is given, ``f v`` ``(..., n, e)``
-    from the same pass (one gather of the exact keys and values, one far-field sum)."""
+    from the same pass (one gather of the exact keys and values, one far-field sum).
+
+    With ``weights=False`` (``v`` given) only the :class:`CompositeCost` of the pass is
+    returned with ``f v``: a forward that keeps no ``O(n · budget)`` weights.
+    """
     n, d = q.shape[-2:]
     if k.shape[-2] != n:
         raise ValueError(
@@ -301,7 +318,7 @@ def build(xp, q, k, v, *, causal, scale, budget, block, sinks, heavy):
     sinks = check_integer(sinks, "sinks", low=0, high=filled, what=f"ceil(n / block) = {filled}")
     top, heavy = _split_budget(lay, budget, sinks, heavy)
     with single_threaded_blas(xp):
-        op, out = _build(xp, lay, q, k, v, resolve_scale(scale, d), sinks, top, heavy)
+        op, out = _build(xp, lay, q, k, v, resolve_scale(scale, d), sinks, top, heavy, weights)
     return op, None if out is None else op.unflatten(xp, out)
 
 
@@ -324,7 +341,7 @@ def _split_budget(lay, budget, sinks, heavy):
     return max(0, min(top, lay.blocks - len(lay.band) - sinks)), heavy
 
 
-def _build(xp, lay, q, k, v, scale, sinks, top, heavy):
+def _build(xp, lay, q, k, v, scale, sinks, top, heavy, weights):
     batch = tuple(xp.broadcast_shapes(*(a.shape[:-2] for a in (q, k, v) if a is not None)))
     bt, n, d, b, nb = math.prod(batch), lay.n, q.shape[-1], lay.block, lay.blocks
     dev = device(q)
@@ -360,16 +377,15 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy):
     def chunk(lo, hi):
         keys = _gather(xp, lay, source, ids[:, lo:hi, ...])  # (B, c, E, ·)
         logits = scale * (qb[:, lo:hi, ...] @ xp.matrix_transpose(keys[..., :d]))
-        mask = block_mask(xp, lay, ids, ok, lo, hi)
+        keys_seen, rows_seen = block_mask(xp, lay, ids, ok, is_heavy, lo, hi)
+        mask = keys_seen if rows_seen is None else keys_seen & rows_seen
         logits = xp.where(mask, logits, minus_inf)
-        rows = valid_rows(xp, lay, lo, hi, q.dtype, dev)
-        seen = xp.sum(xp.astype(mask, q.dtype) * rows)
+        seen = exact_count(xp, lay, keys_seen, rows_seen, heavy_ids, lo, hi, q.dtype)
         top_logit = xp.max(logits, axis=-1)
         if heavy_source is not None:
             heavy_logits = scale * _rows_times(xp, qb[:, lo:hi, ...], heavy_source[..., :d], True)
-            cols = heavy_mask(xp, lay, ids, ok, heavy_ids, lo, hi)
+            cols = heavy_mask(xp, lay, heavy_ids, lo, hi)
             heavy_logits = xp.where(cols, heavy_logits, minus_inf)
-            seen = seen + xp.sum(xp.astype(cols, q.dtype) * rows)
             top_logit = xp.maximum(top_logit, xp.max(heavy_logits, axis=-1))
         tok = token_logits[:, lo:hi, ...]
         if lay.tokens:
@@ -389,17 +405,20 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy):
             out = w @ keys[..., d:] + t @ sums[:, lo:hi, :, d + 1 :]
             if wh is not None:
                 out = out + _rows_times(xp, wh, heavy_source[..., d:], False)
-        return w, wh, t, seen, out
+        return (w, wh, t, seen, out) if weights else (None, None, None, seen, out)
 
     parts = map_chunks(xp, chunk, block_chunks(lay, ids.shape[-1] * source.shape[-1]))
     exact, heavy_weights, far_weights, seen, outs = zip(*parts, strict=True)
-    weights = xp.reshape(xp.astype(valid, q.dtype), (nb, b, 1))
+    rows = xp.reshape(xp.astype(valid, q.dtype), (nb, b, 1))
     counts = (
         sum(seen) / bt,
-        xp.sum(xp.astype(keep[:, :, None, :], q.dtype) * weights) / bt,
+        xp.sum(xp.astype(keep[:, :, None, :], q.dtype) * rows) / bt,
         far.evaluations,
         score_count(lay),
     )
+    out = None if v is None else xp.reshape(xp.concat(outs, axis=1), v.shape)
+    if not weights:
+        return CompositeCost(layout=lay, batch=batch, scale=scale, counts=counts), out
     op = CompositeAttentionOperator(
         layout=lay,
         batch=batch,
@@ -414,7 +433,6 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy):
         scale=scale,
         counts=counts,
     )
-    out = None if v is None else xp.reshape(xp.concat(outs, axis=1), v.shape)
     return op, out
 
 
