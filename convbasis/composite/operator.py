@@ -265,7 +265,8 @@ def composite_operator(
         cover every key); ``n`` or more is exact attention.
     block : int, optional
         Rows per block (positive; values above ``n`` act as ``n``).  Default 8 up to
-        ``n = 4096``, 16 above, where the ``(n/b)²`` block scores would dominate.
+        ``n = 4096``, above it the largest power of two ``≤ sqrt(n / 64)``, at least 16
+        (32 from ``n = 2^16``): the ``(n/b)²`` block scores then grow like ``n``, not ``n²``.
     sinks : int
         Leading key blocks every query sees exactly (attention sinks such as ``[CLS]``).
     heavy : int, optional
@@ -308,7 +309,7 @@ def build(xp, q, k, v, *, causal, scale, budget, block, sinks, heavy, weights=Tr
             f"composite attention needs as many queries as keys, got q shape {q.shape} and "
             f"k shape {k.shape}"
         )
-    block = (8 if n <= 4096 else 16) if block is None else check_integer(block, "block")
+    block = default_block(n) if block is None else check_integer(block, "block")
     block = min(block, n)
     budget = min(128, n) if budget is None else budget
     # n or more is exact attention: one budget serves sequences of any length (lengths=)
@@ -320,6 +321,14 @@ def build(xp, q, k, v, *, causal, scale, budget, block, sinks, heavy, weights=Tr
     with single_threaded_blas(xp):
         op, out = _build(xp, lay, q, k, v, resolve_scale(scale, d), sinks, top, heavy, weights)
     return op, None if out is None else op.unflatten(xp, out)
+
+
+def default_block(n):
+    """8 up to ``n = 4096``, then the largest power of two ``≤ sqrt(n / 64)`` (at least 16),
+    which keeps the ``(n/b)² ≤ 64 n`` block scores linear in ``n`` (docs/composite.rst)."""
+    if n <= 4096:
+        return 8
+    return max(16, 1 << ((n // 64).bit_length() - 1) // 2)
 
 
 def _split_budget(lay, budget, sinks, heavy):
@@ -364,7 +373,8 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy, weights):
     mean_key = sums[..., :d] / mass[..., None]
     shift, centre = per_token(xp, lay, far, q)
     offset = shift - scale * xp.sum(centre * mean_key, axis=-1) + xp.log(mass)  # (B, nb, T)
-    token_logits = scale * (qb @ xp.matrix_transpose(mean_key)) + offset[:, :, None, :]
+    scaled = scale * qb  # once here rather than on every logit
+    token_logits = scaled @ xp.matrix_transpose(mean_key) + offset[:, :, None, :]
     minus_inf = xp.asarray(-xp.inf, dtype=q.dtype, device=dev)
     token_logits = xp.where(keep[:, :, None, :], token_logits, minus_inf)
 
@@ -376,14 +386,14 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy, weights):
 
     def chunk(lo, hi):
         keys = _gather(xp, lay, source, ids[:, lo:hi, ...])  # (B, c, E, ·)
-        logits = scale * (qb[:, lo:hi, ...] @ xp.matrix_transpose(keys[..., :d]))
+        logits = scaled[:, lo:hi, ...] @ xp.matrix_transpose(keys[..., :d])
         keys_seen, rows_seen = block_mask(xp, lay, ids, ok, is_heavy, lo, hi)
         mask = keys_seen if rows_seen is None else keys_seen & rows_seen
         logits = xp.where(mask, logits, minus_inf)
         seen = exact_count(xp, lay, keys_seen, rows_seen, heavy_ids, lo, hi, q.dtype)
         top_logit = xp.max(logits, axis=-1)
         if heavy_source is not None:
-            heavy_logits = scale * _rows_times(xp, qb[:, lo:hi, ...], heavy_source[..., :d], True)
+            heavy_logits = _rows_times(xp, scaled[:, lo:hi, ...], heavy_source[..., :d], True)
             cols = heavy_mask(xp, lay, heavy_ids, lo, hi)
             heavy_logits = xp.where(cols, heavy_logits, minus_inf)
             top_logit = xp.maximum(top_logit, xp.max(heavy_logits, axis=-1))
@@ -394,18 +404,21 @@ def _build(xp, lay, q, k, v, scale, sinks, top, heavy, weights):
         w = xp.exp(logits - top_logit[..., None])
         t = xp.exp(tok - top_logit[..., None])
         norm = xp.sum(w, axis=-1) + xp.sum(t, axis=-1)
+        wh = None
         if heavy_source is not None:
             wh = xp.exp(heavy_logits - top_logit[..., None])
             norm = norm + xp.sum(wh, axis=-1)
         norm = xp.where(norm > 0, norm, xp.ones_like(norm))[..., None]
-        w, t = w / norm, t / (norm * mass[:, lo:hi, None, :])
-        wh = None if heavy_source is None else wh / norm
+        t = t / mass[:, lo:hi, None, :]  # per unit of the token sums
         out = None
-        if v is not None:
+        if v is not None:  # normalised once, on the output rather than on every weight
             out = w @ keys[..., d:] + t @ sums[:, lo:hi, :, d + 1 :]
             if wh is not None:
                 out = out + _rows_times(xp, wh, heavy_source[..., d:], False)
-        return (w, wh, t, seen, out) if weights else (None, None, None, seen, out)
+            out = out / norm
+        if not weights:
+            return None, None, None, seen, out
+        return w / norm, None if wh is None else wh / norm, t / norm, seen, out
 
     parts = map_chunks(xp, chunk, block_chunks(lay, ids.shape[-1] * source.shape[-1]))
     exact, heavy_weights, far_weights, seen, outs = zip(*parts, strict=True)
