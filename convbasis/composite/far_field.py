@@ -111,13 +111,17 @@ def centre_logits(xp, lay, q, k, valid, scale):
     levels = []
     evaluations = xp.asarray(0.0, dtype=q.dtype, device=dev)
     minus_inf = xp.asarray(-xp.inf, dtype=q.dtype, device=dev)
+    # query sums and counts of the level-1 boxes (one block each), then pairs of the level below
+    filled = xp.sum(xp.reshape(xp.astype(valid, q.dtype), (lay.blocks, lay.block)), axis=-1)
+    total = xp.sum(xp.reshape(q, (bt, lay.blocks, lay.block, q.shape[-1])), axis=-2)
     for level in lay.levels:
         width = lay.block << (level - 1)
         count = lay.padded // width
+        if level > 1:
+            filled = xp.sum(xp.reshape(filled, (count, 2)), axis=-1)
+            total = xp.sum(xp.reshape(total, (bt, count, 2, q.shape[-1])), axis=-2)
         box, ok = level_boxes(xp, lay, level, dev)
-        filled = xp.sum(xp.reshape(xp.astype(valid, q.dtype), (count, width)), axis=-1)
-        c = xp.sum(xp.reshape(q, (bt, count, width, q.shape[-1])), axis=-2)
-        c = c / xp.reshape(xp.where(filled > 0, filled, 1), (count, 1))
+        c = total / xp.reshape(xp.where(filled > 0, filled, 1), (count, 1))
 
         def logit(a, slot, keys, c=c):
             return scale * xp.squeeze(keys @ c[:, a, :, None], axis=-1)  # (B, A, w)
@@ -464,6 +468,8 @@ def heavy_columns(xp, lay, levels, q, valid, heavy):
     mass = column_mass(xp, lay, levels, q)
     mass = xp.where(valid, mass, xp.asarray(-1.0, dtype=mass.dtype, device=device(mass)))
     ids = top_indices(xp, mass, heavy)
-    columns = xp.arange(lay.padded, device=device(q))
-    mask = xp.any(ids[:, :, None] == columns, axis=1)
-    return ids, mask
+    bt, dev = ids.shape[0], device(q)
+    rows = xp.reshape(ids + xp.reshape(xp.arange(bt, device=dev) * lay.padded, (bt, 1)), (-1,))
+    ones = xp.ones((rows.shape[0], 1), dtype=q.dtype, device=dev)
+    mask = index_add(xp, rows, ones, bt * lay.padded) > 0
+    return ids, xp.reshape(mask, (bt, lay.padded))
