@@ -334,16 +334,17 @@ def scan_blocks(xp, count, state, finish):
     return out, seen
 
 
-# Rows of the one-hot matrix per chunk of the generic index_add.
+# Entries of the one-hot mask times the values per chunk of the generic index_add.
 _ONE_HOT_CHUNK = 1 << 22
 
 
 def index_add(xp, index, values, count):
     """``out (count, ...)`` with ``out[index[i]] += values[i]``: a scatter-add along axis 0.
 
-    The Array API has no scatter, so each library's own is used (NumPy: sort and
-    ``add.reduceat``; torch ``index_add``; JAX ``.at[].add``; CuPy ``scatter_add``); any other
-    library gets chunks of a one-hot matrix product, exact but ``O(count · len(index))``.
+    The Array API has no scatter, so each library's own is used (NumPy: a sparse 0/1 matrix
+    product, :func:`convbasis._numpy.index_add`; torch ``index_add``; JAX ``.at[].add``; CuPy
+    ``scatter_add``); any other library gets chunked sums over a one-hot mask, exact but
+    ``O(count · len(index))`` (a mask, not a product, so a NaN reaches its own row only).
 
     Parameters
     ----------
@@ -370,11 +371,12 @@ def index_add(xp, index, values, count):
     flat = xp.reshape(values, (values.shape[0], math.prod(values.shape[1:])))
     out = xp.zeros((count, flat.shape[1]), dtype=values.dtype, device=dev)
     rows = xp.arange(count, device=dev)[:, None]
-    step = max(1, _ONE_HOT_CHUNK // max(count, 1))
+    zero = xp.zeros((), dtype=values.dtype, device=dev)
+    step = max(1, _ONE_HOT_CHUNK // max(count * flat.shape[1], 1))
     for lo in range(0, flat.shape[0], step):
         hi = min(lo + step, flat.shape[0])
-        hit = xp.astype(rows == index[None, lo:hi], values.dtype)
-        out = out + hit @ flat[lo:hi, :]
+        hit = (rows == index[None, lo:hi])[..., None]  # (count, chunk, 1)
+        out = out + xp.sum(xp.where(hit, flat[None, lo:hi, :], zero), axis=1)
     return xp.reshape(out, shape)
 
 

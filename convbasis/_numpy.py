@@ -75,9 +75,12 @@ def contiguous(x):
     return np.ascontiguousarray(x)
 
 
+_POOL_PREFIX = "convbasis-map"
+
+
 @functools.cache
 def _thread_pool():
-    return ThreadPoolExecutor(max(_THREADS - 1, 1), thread_name_prefix="convbasis")
+    return ThreadPoolExecutor(max(_THREADS - 1, 1), thread_name_prefix=_POOL_PREFIX)
 
 
 @functools.cache
@@ -258,10 +261,23 @@ def scan_blocks(count, state, finish):
 
 
 def index_add(index, values, count):
-    """``out[index[i]] += values[i]`` into ``count`` zero rows (sorted, then one reduceat)."""
+    """``out[index[i]] += values[i]`` into ``count`` zero rows.
+
+    float32/float64: one sparse ``(count, P)`` 0/1 matrix times the ``(P, ·)`` values, which
+    streams the rows; ``np.add.reduceat`` along axis 0 of rows with many columns, and
+    ``np.add.at``, run 15-20 times slower (measured: 256 rows of ``256 × 130`` float32 into
+    128, 5 ms against 91 ms).  Other dtypes: sorted, then one reduceat.
+    """
     out = np.zeros((count, *values.shape[1:]), dtype=values.dtype)
     if index.shape[0] == 0:
         return out
+    if values.dtype in (np.float32, np.float64):
+        import scipy.sparse  # here: it takes a tenth of a second to import
+
+        rows = index.shape[0]
+        ones = np.ones(rows, dtype=values.dtype)
+        select = scipy.sparse.csr_array((ones, (index, np.arange(rows))), shape=(count, rows))
+        return np.reshape(select @ np.reshape(values, (rows, -1)), out.shape)
     order = np.argsort(index, kind="stable")
     index = index[order]
     starts = np.flatnonzero(np.concatenate(([True], index[1:] != index[:-1])))
@@ -276,7 +292,9 @@ def map_chunks(func, ranges):
     on 2 busy cores: ``(4096, 16, 64) @ (4096, 64, 512)`` float32 0.5 s on one BLAS thread,
     11-28 s on two)."""
     with _single_threaded_blas():
-        if _THREADS < 2 or len(ranges) < 2:
+        # from a pool thread (a nested call) the pool may be busy waiting on this very thread
+        nested = threading.current_thread().name.startswith(_POOL_PREFIX)
+        if _THREADS < 2 or len(ranges) < 2 or nested:
             return [func(lo, hi) for lo, hi in ranges]
         # Every thread, the caller included, takes the next range when it is free: a fixed
         # split would leave the caller idle while the pool works through the rest.

@@ -13,7 +13,9 @@ from convbasis._array import (
     chunk_scan_map,
     exclusive_cumsum,
     fast_length,
+    index_add,
     irfft,
+    map_chunks,
     namespace,
     resolve_scale,
     rfft,
@@ -65,6 +67,51 @@ def test_stacked_matmul_is_matmul(xp, rng, left, right):
     out = stacked_matmul(array_namespace(xp.asarray(a)), xp.asarray(a), xp.asarray(b))
     assert tuple(out.shape) == np.matmul(a, b).shape
     assert_close(out, np.matmul(a, b), atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int64"])
+@pytest.mark.parametrize("count", [1, 7])
+@pytest.mark.parametrize("rows", [0, 1, 40])
+def test_index_add_sums_repeated_rows(xp, rng, dtype, count, rows):
+    index = rng.integers(0, count, rows)
+    values = (10 * rng.standard_normal((rows, 3, 2))).astype(dtype)
+    want = np.zeros((count, 3, 2), dtype)
+    np.add.at(want, index, values)
+    got = index_add(xp, xp.asarray(index), xp.asarray(values), count)
+    assert got.dtype == getattr(xp, dtype) and got.shape == (count, 3, 2)
+    assert_close(got, want, atol=1e-5)
+
+
+def test_index_add_propagates_nan_to_its_row_only(xp):
+    values = xp.asarray([[1.0], [np.nan], [2.0]])
+    got = np.asarray(index_add(xp, xp.asarray([0, 1, 0]), values, 3))
+    assert got[0, 0] == 3.0 and np.isnan(got[1, 0]) and got[2, 0] == 0.0
+
+
+@pytest.mark.parametrize("ranges", [1, 2, 9])
+def test_map_chunks_keeps_order_and_propagates_errors(xp, ranges):
+    edges = [(i, i + 1) for i in range(ranges)]
+    assert map_chunks(xp, lambda lo, hi: (lo, hi), edges) == edges
+
+    def fail(lo, hi):
+        if lo == ranges - 1:
+            raise ZeroDivisionError("chunk")
+        return lo
+
+    with pytest.raises(ZeroDivisionError, match="chunk"):
+        map_chunks(xp, fail, edges)
+
+
+def test_nested_map_chunks_finish():
+    # a chunk that maps chunks itself (on the pool's own thread) must not wait on the pool
+    edges = [(i, i + 1) for i in range(4)]
+
+    def outer(lo, hi):
+        return sum(map_chunks(np, lambda a, b: a * b, edges)) + lo
+
+    with ThreadPoolExecutor(1) as guard:
+        done = guard.submit(map_chunks, np, outer, edges)
+        assert done.result(timeout=60) == [20 + i for i in range(4)]
 
 
 def test_sum_to_shape(xp, rng):
