@@ -134,7 +134,7 @@ class CompositeAttentionOperator(CompositeCost, SquareProducts):
     Attributes
     ----------
     layout, batch, scale, counts
-        As in :class:`CompositeCost`.
+        As in ``CompositeCost`` (what a forward-only pass returns).
     ids : int array ``(B, nb, E/b)``
         Key block of each exact slot of each query block: the band first, then the sinks,
         then the top blocks.
@@ -300,7 +300,7 @@ def build(xp, q, k, v, *, causal, scale, budget, block, sinks, heavy, weights=Tr
     """The operator of validated ``q, k`` and, when ``v`` is given, ``f v`` ``(..., n, e)``
     from the same pass (one gather of the exact keys and values, one far-field sum).
 
-    With ``weights=False`` (``v`` given) only the :class:`CompositeCost` of the pass is
+    With ``weights=False`` (``v`` given) only the ``CompositeCost`` of the pass is
     returned with ``f v``: a forward that keeps no ``O(n · budget)`` weights.
     """
     n, d = q.shape[-2:]
