@@ -43,7 +43,6 @@ __all__ = [
     "select_blocks",
     "take_rows",
     "top_indices",
-    "valid_rows",
 ]
 
 # Entries of one chunk of the (query block × key block) score matrix.
@@ -381,12 +380,6 @@ def exact_count(xp, lay, keys, rows, heavy, lo, hi, dtype):
     per_column = xp.clip(stop[:, None] - first, 0, None)
     per_column = xp.where((heavy < lay.n)[:, None, :], per_column, xp.zeros_like(per_column))
     return count + xp.sum(xp.astype(per_column, dtype))
-
-
-def valid_rows(xp, lay, lo, hi, dtype, dev):
-    """``(c, b, 1)``: 1 for the rows ``< n`` of query blocks ``lo:hi``."""
-    rows = xp.arange(lo * lay.block, hi * lay.block, device=dev)
-    return xp.reshape(xp.astype(rows < lay.n, dtype), (hi - lo, lay.block, 1))
 
 
 def score_count(lay):

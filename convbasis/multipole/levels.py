@@ -57,11 +57,13 @@ class _Level:
         per_group = x.shape[-2] // self.groups
         return self.xp.reshape(x, (*x.shape[:-2], self.groups, per_group, x.shape[-1]))
 
-    def logits(self, q, keys, scale):
-        """Masked logits ``(..., G, C, R, T)`` (``-inf`` where a token is not seen)."""
+    def logits(self, q, keys, scale=None):
+        """Masked logits ``(..., G, C, R, T)`` (``-inf`` where a token is not seen); ``scale``
+        None: ``q`` is scaled already."""
         xp = self.xp
         # the scale goes on the n × d queries, not the n × T logits: one pass less over them
-        s = stacked_matmul(xp, self.split(scale * q), xp.matrix_transpose(keys))
+        q = q if scale is None else scale * q
+        s = stacked_matmul(xp, self.split(q), xp.matrix_transpose(keys))
         s = xp.reshape(s, (*s.shape[:-2], self.children, self.rows, self.tokens))
         minus_inf = xp.asarray(-xp.inf, dtype=s.dtype, device=device(s))
         return xp.where(self.mask, s, minus_inf)
@@ -148,19 +150,30 @@ class _FarLevel(_Level):
         self.mult = seen[:, None, None, :] * child[None, :, None, :]  # (G, 2, 1, T)
         self.mask = self.mult > 0
 
-    def _pool(self, x):
+    def sums(self, x, below=None):
+        """Sums of ``x (..., N, e)`` over this level's chunks, ``(..., N/c, e)``; from the
+        level below's sums ``below`` (chunks half as long) when given."""
+        xp = self.xp
+        if below is not None:
+            pairs = (*below.shape[:-2], below.shape[-2] // 2, 2, below.shape[-1])
+            return xp.sum(xp.reshape(below, pairs), axis=-2)
+        c = self.chunk
+        return xp.sum(xp.reshape(x, (*x.shape[:-2], x.shape[-2] // c, c, x.shape[-1])), axis=-2)
+
+    def _pool(self, x, sums=None):
         xp, c = self.xp, self.chunk
-        xr = xp.reshape(x, (*x.shape[:-2], x.shape[-2] // c, c, x.shape[-1]))
         if self.kernel is None:
-            pooled = xp.sum(xr, axis=-2)
+            pooled = self.sums(x) if sums is None else sums
         else:
+            xr = xp.reshape(x, (*x.shape[:-2], x.shape[-2] // c, c, x.shape[-1]))
             pooled = xp.sum(xr * self.kernel[:, None], axis=-2)
         return pooled * self.gain[:, None]
 
-    def gather(self, x):
-        """``(..., N, e)`` → ``(..., G, T, e)``: the pooled tokens of the neighbouring pairs."""
+    def gather(self, x, sums=None):
+        """``(..., N, e)`` → ``(..., G, T, e)``: the pooled tokens of the neighbouring pairs
+        (from the chunk sums ``sums`` of :meth:`sums` when given, with the mean kernel)."""
         xp = self.xp
-        pooled = self._pool(x)
+        pooled = self._pool(x, sums)
         e, p2 = x.shape[-1], 2 * self.geo.basis
         pairs = xp.reshape(pooled, (*x.shape[:-2], self.groups, p2, e))
         parts = [_shift(xp, pairs, 1, -3)]
@@ -201,34 +214,56 @@ def iter_levels(xp, geo, kernels, dtype, dev):
         yield _FarLevel(xp, geo, level, kernels[level - 1], dtype, dev)
 
 
-def forward(xp, geo, kernels, q, k, v, scale, *, with_output=True):
-    """One pass over the levels with a running maximum: ``(out (..., N, e), lse (..., N))``.
+def _gathered(levels, x):
+    """``lev.gather(x)`` of each level in turn; the mean-pooled far levels' chunk sums are
+    built from the level below's (each level's chunks are twice as long), so ``x`` is read
+    once for all of them."""
+    below = None
+    for lev in levels:
+        if isinstance(lev, _FarLevel) and lev.kernel is None:
+            below = lev.sums(x, below)
+            yield lev.gather(x, below)
+        else:
+            below = None
+            yield lev.gather(x)
 
-    ``lse`` is ``+inf`` on rows that see no key (only padding rows), so that
-    ``exp(s − lse) = 0`` there.
+
+def forward(xp, geo, kernels, q, k, v, scale, *, with_output=True):
+    """One pass over the levels: ``(out (..., N, e), lse (..., N))``.
+
+    Every level's logits come first (the far levels' are ``T = 2·basis`` or ``4·basis`` per
+    row), so one row maximum serves every level and no partial output is rescaled.  ``lse`` is
+    ``+inf`` on rows that see no key (only padding rows), so that ``exp(s − lse) = 0`` there.
     """
-    run_max = total = acc = None
     dev = device(q)
     zero = xp.asarray(0.0, dtype=q.dtype, device=dev)
-    for lev in iter_levels(xp, geo, kernels, q.dtype, dev):
-        s = lev.logits(q, lev.gather(k), scale)
-        level_max = xp.reshape(xp.max(s, axis=-1), (*q.shape[:-2], geo.padded))
-        new_max = level_max if run_max is None else xp.maximum(run_max, level_max)
-        # docs/math.rst §0: subtract the row maximum
-        ref = xp.where(xp.isfinite(new_max), new_max, zero)
+    levels = list(iter_levels(xp, geo, kernels, q.dtype, dev))
+    keys, scaled = _gathered(levels, k), scale * q  # q scaled once for every level
+    logits = [lev.logits(scaled, x) for lev, x in zip(levels, keys, strict=True)]
+    rows = (*q.shape[:-2], geo.padded)
+    # The far levels all have T tokens per row: their elementwise maximum first, then one
+    # reduction over T (NumPy reduces a short last axis slowly, a level at a time 10x slower).
+    # explicit sizes, not -1: an empty batch leaves -1 undetermined
+    top = xp.max(xp.reshape(logits[0], (*rows, logits[0].shape[-1])), axis=-1)
+    if len(logits) > 1:
+        far = xp.reshape(logits[1], (*rows, logits[1].shape[-1]))
+        for s in logits[2:]:
+            far = xp.maximum(far, xp.reshape(s, far.shape))
+        top = xp.maximum(top, xp.max(far, axis=-1))
+    # docs/math.rst §0: subtract the row maximum
+    ref = xp.where(xp.isfinite(top), top, zero)
+    values = _gathered(levels, v) if with_output else (None for _ in levels)
+    total = acc = None
+    for lev, s, tokens in zip(levels, logits, values, strict=True):
         w = lev.weights(s, ref)
-        part = xp.reshape(xp.sum(w, axis=-1), ref.shape)
+        # row sums as a product with ones: NumPy sums a short last axis slowly
+        ones = xp.ones((w.shape[-1], 1), dtype=w.dtype, device=dev)
+        part = xp.reshape(w @ ones, ref.shape)
+        total = part if total is None else total + part
         if with_output:
-            o = stacked_matmul(xp, lev.flat(w), lev.gather(v))
+            o = stacked_matmul(xp, lev.flat(w), tokens)
             o = xp.reshape(o, (*q.shape[:-2], geo.padded, v.shape[-1]))
-        if run_max is None:
-            total = part
-            acc = o if with_output else None
-        else:
-            alpha = xp.exp(run_max - ref)  # rescale the earlier levels to the new maximum
-            total = total * alpha + part
-            acc = acc * alpha[..., None] + o if with_output else None
-        run_max = new_max
+            acc = o if acc is None else acc + o
     empty = total == 0
     one = xp.ones_like(total)
     lse = xp.where(
