@@ -8,6 +8,8 @@ tokens.  Level 0 is the near field, levels ``ℓ ≥ 1`` the pooled far field.
 
 from __future__ import annotations
 
+import itertools
+
 from array_api_compat import device
 
 from .._array import stacked_matmul
@@ -72,7 +74,8 @@ class _Level:
         """``mult · exp(s − shift)`` with ``shift (..., N)`` (finite or ``+inf``)."""
         xp = self.xp
         shift = xp.reshape(shift, (*shift.shape[:-1], self.groups, self.children, self.rows, 1))
-        w = xp.exp(s - shift)
+        s = s - shift  # a caller that drops its logits keeps only this difference alive
+        w = xp.exp(s)
         return w if self.mult is None else w * self.mult
 
     def flat(self, w):
@@ -231,37 +234,48 @@ def _gathered(levels, x):
 def forward(xp, geo, kernels, q, k, v, scale, *, with_output=True):
     """One pass over the levels: ``(out (..., N, e), lse (..., N))``.
 
-    Every level's logits come first (the far levels' are ``T = 2·basis`` or ``4·basis`` per
-    row), so one row maximum serves every level and no partial output is rescaled.  ``lse`` is
-    ``+inf`` on rows that see no key (only padding rows), so that ``exp(s − lse) = 0`` there.
+    The row maxima come first, the far levels' (``T = 2·basis`` or ``4·basis`` logits per row,
+    computed again when used) and the near field's, so one maximum serves every level and no
+    partial output is rescaled; the near field, the largest, is used and dropped first.
+    ``lse`` is ``+inf`` on rows that see no key (only padding rows), so that
+    ``exp(s − lse) = 0`` there.
     """
     dev = device(q)
     zero = xp.asarray(0.0, dtype=q.dtype, device=dev)
     levels = list(iter_levels(xp, geo, kernels, q.dtype, dev))
-    keys, scaled = _gathered(levels, k), scale * q  # q scaled once for every level
-    logits = [lev.logits(scaled, x) for lev, x in zip(levels, keys, strict=True)]
+    near, far = levels[0], levels[1:]
     rows = (*q.shape[:-2], geo.padded)
+    scaled = scale * q
     # The far levels all have T tokens per row: their elementwise maximum first, then one
-    # reduction over T (NumPy reduces a short last axis slowly, a level at a time 10x slower).
+    # reduction over T (NumPy reduces a short last axis slowly, a level at a time 10x slower);
+    # their logits are computed again when used rather than kept.
     # explicit sizes, not -1: an empty batch leaves -1 undetermined
-    top = xp.max(xp.reshape(logits[0], (*rows, logits[0].shape[-1])), axis=-1)
-    if len(logits) > 1:
-        far = xp.reshape(logits[1], (*rows, logits[1].shape[-1]))
-        for s in logits[2:]:
-            far = xp.maximum(far, xp.reshape(s, far.shape))
-        top = xp.maximum(top, xp.max(far, axis=-1))
+    highest = None
+    for lev, x in zip(far, _gathered(far, k), strict=True):
+        s = xp.reshape(lev.logits(scaled, x), (*rows, far[0].tokens))
+        highest = s if highest is None else xp.maximum(highest, s)
+    near_logits = near.logits(scaled, near.gather(k))
+    del scaled
+    top = xp.max(xp.reshape(near_logits, (*rows, near.tokens)), axis=-1)
+    if far:
+        top = xp.maximum(top, xp.max(highest, axis=-1))
     # docs/math.rst §0: subtract the row maximum
     ref = xp.where(xp.isfinite(top), top, zero)
-    values = _gathered(levels, v) if with_output else (None for _ in levels)
+    logits = itertools.chain(
+        [near_logits],
+        (lev.logits(q, x, scale) for lev, x in zip(far, _gathered(far, k), strict=True)),
+    )
+    del near_logits
+    values = _gathered(levels, v) if with_output else None
     total = acc = None
-    for lev, s, tokens in zip(levels, logits, values, strict=True):
-        w = lev.weights(s, ref)
+    for lev in levels:
+        w = lev.weights(next(logits), ref)  # each level's logits dropped as they are used
         # row sums as a product with ones: NumPy sums a short last axis slowly
         ones = xp.ones((w.shape[-1], 1), dtype=w.dtype, device=dev)
         part = xp.reshape(w @ ones, ref.shape)
         total = part if total is None else total + part
         if with_output:
-            o = stacked_matmul(xp, lev.flat(w), tokens)
+            o = stacked_matmul(xp, lev.flat(w), next(values))
             o = xp.reshape(o, (*q.shape[:-2], geo.padded, v.shape[-1]))
             acc = o if acc is None else acc + o
     empty = total == 0
