@@ -144,9 +144,10 @@ class CompositeAttentionOperator(CompositeCost, SquareProducts):
     heavy : int array ``(B, h)`` or None
         The heavy key columns every query sees exactly.
     exact : array ``(B, nb, b, E)``
-        Normalised weights of the exact blocks' keys (zero where a slot is unused or masked).
+        Normalised weights of the exact blocks' keys (zero where a slot is unused, a key is
+        masked, or a key is a heavy column: those are in ``heavy_weights``).
     heavy_weights : array ``(B, nb, b, h)`` or None
-        Normalised weights of the heavy columns (zero where masked or already in a block).
+        Normalised weights of the heavy columns (zero for padding and, causal, the future).
     far
         The far field (``convbasis.composite.far_field.FarField``).
     far_weights : array ``(B, nb, b, T)``

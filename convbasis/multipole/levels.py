@@ -245,17 +245,17 @@ def forward(xp, geo, kernels, q, k, v, scale, *, with_output=True):
     levels = list(iter_levels(xp, geo, kernels, q.dtype, dev))
     near, far = levels[0], levels[1:]
     rows = (*q.shape[:-2], geo.padded)
-    scaled = scale * q
-    # The far levels all have T tokens per row: their elementwise maximum first, then one
-    # reduction over T (NumPy reduces a short last axis slowly, a level at a time 10x slower);
+    # The far levels' few pooled tokens carry the scale (far cheaper than scaling q for each);
     # their logits are computed again when used rather than kept.
+    far_logits = (lev.logits(q, scale * x) for lev, x in zip(far, _gathered(far, k), strict=True))
+    # The far levels all have T tokens per row: their elementwise maximum first, then one
+    # reduction over T (NumPy reduces a short last axis slowly, a level at a time 10x slower).
     # explicit sizes, not -1: an empty batch leaves -1 undetermined
     highest = None
-    for lev, x in zip(far, _gathered(far, k), strict=True):
-        s = xp.reshape(lev.logits(scaled, x), (*rows, far[0].tokens))
+    for s in far_logits:
+        s = xp.reshape(s, (*rows, s.shape[-1]))
         highest = s if highest is None else xp.maximum(highest, s)
-    near_logits = near.logits(scaled, near.gather(k))
-    del scaled
+    near_logits = near.logits(q, near.gather(k), scale)
     top = xp.max(xp.reshape(near_logits, (*rows, near.tokens)), axis=-1)
     if far:
         top = xp.maximum(top, xp.max(highest, axis=-1))
@@ -263,7 +263,7 @@ def forward(xp, geo, kernels, q, k, v, scale, *, with_output=True):
     ref = xp.where(xp.isfinite(top), top, zero)
     logits = itertools.chain(
         [near_logits],
-        (lev.logits(q, x, scale) for lev, x in zip(far, _gathered(far, k), strict=True)),
+        (lev.logits(q, scale * x) for lev, x in zip(far, _gathered(far, k), strict=True)),
     )
     del near_logits
     values = _gathered(levels, v) if with_output else None
