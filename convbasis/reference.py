@@ -155,7 +155,8 @@ def _attention(q, k, v, *, causal, scale, block):
 def attention_backward(q, k, v, grad_out, /, *, causal=True, scale=None, block=None, lengths=None):
     """Gradients of ``L(O)`` for ``O = attention(q, k, v)`` given ``grad_out = ∂L/∂O``.
 
-    With ``f`` the attention weights, ``δ = rowsum(G ∘ O)`` and ``P = f ∘ (G Vᵀ) − diag(δ) f``
+    With ``f`` the attention weights, ``δ = rowsum(G ∘ O) = rowsum(f ∘ G Vᵀ)`` and
+    ``P = f ∘ (G Vᵀ) − diag(δ) f``
     (docs/math.rst §3): ``dq = s P K``, ``dk = s Pᵀ Q``, ``dv = fᵀ G``.
 
     Parameters
@@ -201,8 +202,11 @@ def _attention_backward(q, k, v, grad_out, *, causal, scale, block):
         q_b, g_b = q[..., start:stop, :], grad_out[..., start:stop, :]
         k_b, v_b = k[..., :keys, :], v[..., :keys, :]
         f = _weights(xp, q_b, k_b, scale, causal, start)
-        delta = xp.sum(g_b * (f @ v_b), axis=-1, keepdims=True)
-        p = f * (g_b @ xp.matrix_transpose(v_b) - delta)
+        gv = g_b @ xp.matrix_transpose(v_b)
+        # δ as rowsum(f ∘ G Vᵀ), equal to rowsum(G ∘ O): a row with one-hot weights (causal
+        # row 0, n = 1) then gets P = 0 exactly, as in exact arithmetic, not a rounding residue.
+        delta = xp.sum(f * gv, axis=-1, keepdims=True)
+        p = f * (gv - delta)
         dq.append(scale * (p @ k_b))
         dk = xpx.at(dk)[..., :keys, :].add(scale * (xp.matrix_transpose(p) @ q_b))
         dv = xpx.at(dv)[..., :keys, :].add(xp.matrix_transpose(f) @ g_b)

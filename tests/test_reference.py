@@ -131,6 +131,20 @@ def test_attention_backward_broadcast_batch(xp, rng):
     assert_close(dv, to_numpy(full[2]).sum((0, 1)), atol=1e-13)
 
 
+@pytest.mark.parametrize("block", [None, 2])
+def test_backward_one_hot_rows_give_exact_zeros(xp, rng, block):
+    # causal row 0 (and every row at n = 1) has weights (1, 0, ...): its P row, hence its dq row
+    # and its share of dk, is zero in exact arithmetic, so it must come out as 0, not rounding
+    q, k, v = _problem(rng, (16,), 5, 3, 37)
+    g = rng.standard_normal((16, 5, 37))
+    dq, dk, _ = attention_backward(*(xp.asarray(a) for a in (q, k, v, g)), block=block)
+    assert np.all(to_numpy(dq)[:, 0] == 0)
+    one = [xp.asarray(a[:, :1]) for a in (q, k, v, g)]
+    for causal in (True, False):
+        dq, dk, _ = attention_backward(*one, causal=causal, block=block)
+        assert np.all(to_numpy(dq) == 0) and np.all(to_numpy(dk) == 0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_keeps_dtype(xp, rng, dtype):
     arrays = [xp.asarray(a.astype(dtype)) for a in _problem(rng, (), 9, 2, 2)]

@@ -144,6 +144,10 @@ def gradient_errors(approx, exact, /):
     """Per-layer relative gradient error ``max_θ ‖Δ∂θ‖_F / ‖∂θ‖_F`` and the input's
     (absolute where ``∂θ`` is exactly zero).
 
+    A gradient that is zero in exact arithmetic (``W_K``'s at ``n = 1``) but carries rounding
+    residue in ``exact`` makes its ratio meaningless: take ``exact`` from the blocked dense
+    reference (``attention="dense", block=...``), which returns such zeros exactly.
+
     Parameters
     ----------
     approx, exact : TransformerGradients
