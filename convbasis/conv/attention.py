@@ -76,8 +76,9 @@ class ConvAttentionOperator:
         FFT path have relative error at most about ``2 noise / D_r`` (in units of ``‖Z‖_∞``).
     logit_residual : float
         ``ε̂ = max |basis − s · Q Kᵀ|`` over the diagonal and 512 sampled logits (all of them
-        when ``n`` is small): an estimate, from below, of how far the basis is from the true
-        logits (a start the recovery missed shows on the diagonal).  The
+        when ``n`` is small): an estimate, from below (up to the rounding of the sampled
+        logits in the input's precision), of how far the basis is from the true logits (a
+        start the recovery missed shows on the diagonal).  The
         output error is about ``2 (e^ε − 1) ‖V‖_∞`` for the true ``ε``; building the operator
         issues a :class:`ConvBasisWarning` when ``2 (e^ε̂ − 1) > 0.01``.
     lower_exp, upper_exp : ConvBasis, ConvBasis or None
