@@ -23,6 +23,7 @@ from convbasis.conv import (
     fit_conv_basis,
     recover_conv_basis,
 )
+from convbasis.conv._fft import segment_plan
 from convbasis.reference import attention, attention_weights
 from convbasis.testing import (
     alibi_conv_instance,
@@ -226,6 +227,42 @@ def test_basis_products_match_dense(xp, rng, n, dtype):
         ):
             assert out.dtype == xp.asarray(z).dtype and out.shape == (n, 4)
             assert_within_reference_error(out, golden, base, factor=3, err_msg=f"starts={starts}")
+
+
+@pytest.mark.parametrize(
+    "starts",
+    [
+        tuple(range(0, 1024, 64)),  # equal segments: grouped
+        (0, 300, 304, 310, 600, 700, 1000),  # short (direct) segments between long ones
+        (0, 5, 900, 1020),
+        (0,),
+    ],
+)
+def test_grouped_segment_plans_are_exact(xp, rng, starts):
+    # docs/conv.rst: segments of a group share one FFT length and one inverse FFT; the length
+    # must keep every convolution of the group off the rows it keeps (no wrap-around).
+    n = 1024
+    plan = segment_plan(starts, n)
+    assert tuple(seg.start for seg in plan) == starts
+    groups = {}
+    for seg in plan:
+        groups.setdefault(seg.head, []).append(seg)
+    for head, members in groups.items():
+        assert members[0].start == head and len({seg.size for seg in members}) == 1
+        if any(seg.stop - seg.start <= 8 for seg in members):
+            assert len(members) == 1  # a direct segment is a group of its own
+        width = max(seg.stop - seg.start for seg in members)
+        assert members[0].size >= n - head + width - 1
+    if len(starts) == 16:
+        assert len(groups) < len(starts)  # grouping happens where the lengths are close
+    c = random_vectors(rng, starts, n, batch=(2,))
+    z = rng.standard_normal((n, 3))
+    basis = ConvBasis(starts, xp.asarray(c), n)
+    h = basis_dense(starts, c, n)
+    he, ze = exact(h, z)
+    assert_within_reference_error(basis.matmul(xp.asarray(z)), he @ ze, h @ z, factor=3)
+    ht, het = np.swapaxes(h, -1, -2), np.swapaxes(he, -1, -2)
+    assert_within_reference_error(basis.rmatmul(xp.asarray(z)), het @ ze, ht @ z, factor=3)
 
 
 @pytest.mark.parametrize("n", [1, 5, 64])

@@ -28,6 +28,7 @@ from .._array import (
 from .._capabilities import check_eager
 from .._validation import broadcast_shapes
 from ._fft import (
+    Segment,
     segment_index,
     segment_matmul,
     segment_plan,
@@ -103,12 +104,14 @@ class ConvBasis:
 
     @cached_property
     def plan(self):
-        """The FFT plan of the segments, ``(σ_i, σ_{i+1}, m_i, N_i)`` per segment."""
+        """The FFT plan, ``(σ_i, σ_{i+1}, m_i, N, σ_a)`` per segment, with ``N`` the FFT length
+        of its group and ``σ_a`` the group's first start (``_fft.segment_plan``)."""
         return segment_plan(self.starts, self.n)
 
     @cached_property
     def spectra(self):
-        """``rfft(c_i[: m_i], N_i)`` per segment (``None`` for short, direct segments)."""
+        """Spectrum of each segment's vector at its group's FFT length (``None`` for short,
+        direct segments; ``_fft.segment_spectra``)."""
         return segment_spectra(self._xp, self.vectors, self.plan)
 
     def basis_vectors(self):
@@ -213,7 +216,7 @@ def _single(a, z, m):
         raise ValueError(
             f"leading (batch) axes of a {tuple(a.shape)} and z {tuple(z.shape)} must broadcast"
         ) from None
-    plan = ((n - m, n, m, fast_length(2 * m - 1)),)
+    plan = (Segment(n - m, n, m, fast_length(2 * m - 1), n - m),)
     columns = a[..., None, :]
     return xp, plan, segment_spectra(xp, columns, plan), columns, xp.matrix_transpose(z), n
 
@@ -242,7 +245,7 @@ def conv_rmatmul(a, z, /, *, m=None):
     """``conv(a, m)ᵀ Z`` (a correlation), with the arguments of :func:`conv_matmul`."""
     xp, plan, spectra, columns, zt, n = _single(a, z, m)
     out = segment_rmatmul(xp, plan, spectra, columns, zt, n)
-    s = plan[0][0]
+    s = plan[0].start
     if s:
         out = xp.concat(
             [xp.zeros((*out.shape[:-1], s), dtype=out.dtype, device=device(out)), out], axis=-1

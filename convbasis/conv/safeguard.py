@@ -38,10 +38,10 @@ def noise_floor(xp, bases, dtype):
     unit = float(xp.finfo(dtype).eps)
     total = None
     for basis, reach in bases:
-        for i, (s, e, m, size) in enumerate(basis.plan):
-            width = (e - s) if reach == "segment" else m
+        for i, seg in enumerate(basis.plan):
+            width = (seg.stop - seg.start) if reach == "segment" else seg.length
             norm = xp.sqrt(xp.sum(basis.vectors[..., i, :] ** 2, axis=-1))
-            term = norm * (unit * math.log2(max(size, 2)) * math.sqrt(width))
+            term = norm * (unit * math.log2(max(seg.size, 2)) * math.sqrt(width))
             total = term if total is None else total + term
     return total
 
