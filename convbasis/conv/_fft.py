@@ -203,10 +203,10 @@ def segment_matmul(xp, plan, spectra, columns, zt, n):
     FFT onto rows ``σ_a:``.  ``columns (..., k, n)`` are the vectors ``c_i`` (used directly for
     short segments), ``spectra`` from :func:`segment_spectra`.
     """
-    blocks = []
+    blocks, groups = [], _groups(plan)
     for lo, hi in _column_blocks(xp, plan, zt, columns):
         out = None
-        for a, b in _groups(plan):
+        for a, b in groups:
             head, size = plan[a].head, plan[a].size
             if spectra[a] is None:
                 seg = plan[a]
@@ -239,10 +239,10 @@ def segment_rmatmul(xp, plan, spectra, columns, zt, n):
     Short segments are direct dot products.  Arguments as in :func:`segment_matmul`.
     """
     conj = [None if spec is None else xp.conj(spec) for spec in spectra]
-    blocks = []
+    blocks, groups = [], _groups(plan)
     for lo, hi in _column_blocks(xp, plan, zt, columns):
         pieces = []
-        for a, b in _groups(plan):
+        for a, b in groups:
             seg = plan[a]
             if conj[a] is None:
                 c = columns[..., a : a + 1, :]
