@@ -202,3 +202,22 @@ def pytest_runtest_setup(item):
             item.add_marker(
                 pytest.mark.xfail(raises=EagerOnlyError, strict=True, reason=declared.reason)
             )
+
+
+# Tile size when the tiled conv route is forced: small, so that short inputs get several
+# blocks, pieces inside blocks and a last partial block.
+CONV_TILE = 16
+
+
+@pytest.fixture(params=["segment", "tiled"])
+def conv_route(request, monkeypatch):
+    """Forces the route of every conv-basis product (docs/conv.rst, "Tiled products"): the
+    segment form, or tiles of ``CONV_TILE``, whatever the cost model would pick."""
+    from convbasis.conv import _tiled, basis
+
+    if request.param == "segment":
+        choose = lambda starts, n, cost: None  # noqa: E731
+    else:
+        choose = lambda starts, n, cost: _tiled.tile_pieces(starts, n, CONV_TILE)  # noqa: E731
+    monkeypatch.setattr(basis, "choose_tiles", choose)
+    return request.param

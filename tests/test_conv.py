@@ -15,6 +15,7 @@ from convbasis.conv import (
     ConvAttentionOperator,
     ConvBasis,
     ConvBasisWarning,
+    _tiled,
     conv_attention,
     conv_matmul,
     conv_operator,
@@ -23,7 +24,8 @@ from convbasis.conv import (
     fit_conv_basis,
     recover_conv_basis,
 )
-from convbasis.conv._fft import segment_plan
+from convbasis.conv import basis as basis_module
+from convbasis.conv._fft import segment_cost, segment_plan
 from convbasis.reference import attention, attention_weights
 from convbasis.testing import (
     alibi_conv_instance,
@@ -209,7 +211,7 @@ def test_conv_products_property(xp, n, p, batch, dtype, seed, data):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", N_VALUES)
-def test_basis_products_match_dense(xp, rng, n, dtype):
+def test_basis_products_match_dense(xp, rng, conv_route, n, dtype):
     for k in sorted({1, 2, 5, n}):
         starts = random_starts(rng, n, k)
         c = random_vectors(rng, starts, n, dtype=dtype)
@@ -238,9 +240,10 @@ def test_basis_products_match_dense(xp, rng, n, dtype):
         (0,),
     ],
 )
-def test_grouped_segment_plans_are_exact(xp, rng, starts):
+def test_grouped_segment_plans_are_exact(xp, rng, starts, monkeypatch):
     # docs/conv.rst: segments of a group share one FFT length and one inverse FFT; the length
     # must keep every convolution of the group off the rows it keeps (no wrap-around).
+    monkeypatch.setattr(basis_module, "choose_tiles", lambda starts, n, cost: None)
     n = 1024
     plan = segment_plan(starts, n)
     assert tuple(seg.start for seg in plan) == starts
@@ -265,6 +268,57 @@ def test_grouped_segment_plans_are_exact(xp, rng, starts):
     assert_within_reference_error(basis.rmatmul(xp.asarray(z)), het @ ze, ht @ z, factor=3)
 
 
+@pytest.mark.parametrize(
+    ("n", "starts", "block"),
+    [
+        (1024, tuple(range(0, 1024, 64)), 128),  # segments of whole blocks
+        (1024, (0, 300, 304, 310, 600, 700, 1000), 64),  # several pieces in one block
+        (1000, (0, 5, 900, 999), 128),  # a last partial block, a one-column segment
+        (200, (0,), 256),  # one block larger than n
+        (33, (0, 1, 2, 3, 32), 16),
+    ],
+)
+def test_tiled_products_are_exact(xp, rng, n, starts, block):
+    # docs/conv.rst "Tiled products": every tile of one segment is a circular convolution
+    # at length 2B; the pieces cover each column exactly once.
+    tiles = _tiled.tile_pieces(starts, n, block)
+    covered = [col for _, _, a, b in tiles.pieces for col in range(a, b)]
+    assert covered == list(range(n))
+    assert all(a // block == j == (b - 1) // block for j, _, a, b in tiles.pieces)
+    c = random_vectors(rng, starts, n, batch=(2, 1))
+    z = rng.standard_normal((3, n, 5))
+    xc = xp.asarray(c)
+    spectra = _tiled.tile_spectra(xp, xc, tiles)
+    h = basis_dense(starts, c, n)
+    he, ze = exact(h, z)
+    got = _tiled.tiled_matmul(xp, tiles, spectra, xp.asarray(z))
+    assert got.shape == (2, 3, n, 5)
+    assert_within_reference_error(got, he @ ze, h @ z, factor=3)
+    ht, het = np.swapaxes(h, -1, -2), np.swapaxes(he, -1, -2)
+    got = _tiled.tiled_rmatmul(xp, tiles, spectra, xp.asarray(z))
+    assert_within_reference_error(got, het @ ze, ht @ z, factor=3)
+    for empty in ((3, n, 0), (0, n, 5)):
+        for product in (_tiled.tiled_matmul, _tiled.tiled_rmatmul):
+            out = product(xp, tiles, spectra, xp.asarray(np.ones(empty)))
+            assert out.shape == (2, empty[0], n, empty[2])
+
+
+def test_route_follows_the_cost_model():
+    # Many long segments: the tiled form's shorter FFTs win (docs/conv.rst); one segment,
+    # or a tiny matrix, keep the segment form.
+    n = 2**17
+    for starts, tiled in (
+        (tuple(range(0, n, n // 16)), True),
+        ((0,), False),
+        ((0, n // 2), False),
+    ):
+        basis = ConvBasis(starts, np.zeros((len(starts), n), dtype=np.float32), n)
+        assert (basis.tiles is not None) == tiled, starts
+        if tiled:
+            assert _tiled.tiled_cost(basis.tiles) * 1.4 < segment_cost(basis.plan)
+    assert ConvBasis((0, 3), np.zeros((2, 40)), 40).tiles is None
+
+
 @pytest.mark.parametrize("n", [1, 5, 64])
 def test_basis_vectors_sum_to_dense(xp, rng, n):
     starts = random_starts(rng, n, 4)
@@ -278,7 +332,7 @@ def test_basis_vectors_sum_to_dense(xp, rng, n):
         assert np.all(b[..., i, n - s :] == 0)
 
 
-def test_basis_batch_axes(xp, rng):
+def test_basis_batch_axes(xp, rng, conv_route):
     n = 64
     starts = (0, 7, 30, 63)
     c = random_vectors(rng, starts, n, batch=(2, 1))
@@ -296,7 +350,7 @@ def test_basis_batch_axes(xp, rng):
     assert_close(basis.matmul(xp.asarray(z)), to_numpy(mm))
 
 
-def test_basis_mixed_precision_promotes(xp, rng):
+def test_basis_mixed_precision_promotes(xp, rng, conv_route):
     n = 31
     starts = (0, 10)
     c = random_vectors(rng, starts, n, dtype="float32")
@@ -717,7 +771,7 @@ def _instances(rng, n, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 5, 31, 127])
-def test_conv_attention_exact_instances(xp, rng, n, dtype):
+def test_conv_attention_exact_instances(xp, rng, conv_route, n, dtype):
     for name, q, k, v, rank, causal_only in _instances(rng, n, dtype):
         if name == "generic-full-rank" and n > 31:
             continue  # rank n: n FFT segments; covered at small n
@@ -813,7 +867,7 @@ def _check_operator(xp, rng, q, k, rank, causal, *, tolerance=None, expect_rows=
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 5, 31, 64])
-def test_operator_matches_dense(xp, rng, n, dtype):
+def test_operator_matches_dense(xp, rng, conv_route, n, dtype):
     for name, q, k, _, rank, causal_only in _instances(rng, n, dtype):
         if name == "generic-full-rank" and n > 31:
             continue  # rank n: n FFT segments; covered at small n
@@ -826,7 +880,7 @@ def test_operator_matches_dense(xp, rng, n, dtype):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_operator_batch_axes(xp, rng, causal):
+def test_operator_batch_axes(xp, rng, conv_route, causal):
     n = 31
     if causal:
         # batch element 1: a segment bias of 40 puts the first rows e^-40 below its maximum
@@ -901,7 +955,7 @@ def _large_logit_cases(rng, n, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [31, 257])
-def test_large_logits(xp, rng, n, dtype):
+def test_large_logits(xp, rng, conv_route, n, dtype):
     for name, q, k, v, rank, causal_only in _large_logit_cases(rng, n, dtype):
         golden = None
         for causal in (True,) if causal_only else (True, False):
@@ -938,7 +992,7 @@ def test_no_recomputation_when_well_conditioned(xp, rng, dtype):
     assert not must and len(must_not) >= n - 2  # all rows resolved, nearly all by far
 
 
-def test_recomputed_rows_follow_tolerance(xp, rng):
+def test_recomputed_rows_follow_tolerance(xp, rng, conv_route):
     # the recomputed set grows as the tolerance shrinks, and matches the exact normalisers
     n = 64
     q, k, _, _ = rotary_conv_instance(rng, n, 8, (0, 20, 41), logit_scale=8.0)

@@ -265,7 +265,7 @@ def test_grouped_heads_and_lengths_under_jit(method):
         ).matmul(rep[1][b, :, :size])
         np.testing.assert_allclose(np.asarray(out)[b, :, :size], alone, rtol=1e-12, atol=1e-13)
         assert np.all(np.asarray(out)[b, :, size:] == 0)
-    check_grads(attend, (q, k, v), order=1, modes=("rev",))
+    check_grads(jax.jit(attend), (q, k, v), order=1, modes=("rev",))
 
 
 def test_traced_lengths_are_refused():

@@ -157,7 +157,7 @@ def _structured_cases(xp, rng, dtype):
 
 @pytest.mark.filterwarnings("ignore::convbasis.conv.ConvBasisWarning")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_products_on_structured_operators(xp, rng, dtype):
+def test_products_on_structured_operators(xp, rng, dtype, conv_route):
     for name, causal, q, k, options in _structured_cases(xp, rng, dtype):
         method = name.split(",")[0]
         op = attention_operator(q, k, method=method, causal=causal, **options)

@@ -29,6 +29,9 @@ _FFT_BLOCK = 1 << 22
 _DIRECT_SEGMENT = 8
 # Most segments per FFT group: bounds the O(k · _GROUP_SPAN) search of segment_plan.
 _GROUP_SPAN = 64
+# A direct segment's multiply-add per row and column, in units of ``N log2 N`` FFT work
+# (from the measurement behind _DIRECT_SEGMENT).
+_DIRECT_COST = 2.0
 
 
 class Segment(NamedTuple):
@@ -110,6 +113,19 @@ def _groups(plan):
             edges.append(i)
     edges.append(len(plan))
     return list(itertools.pairwise(edges))
+
+
+def segment_cost(plan):
+    """Work of a product by :func:`segment_matmul` per column of ``Z``, in units of
+    ``N log2 N`` FFT work (compared with the tiled form's, ``_tiled.choose_tiles``)."""
+    cost = 0.0
+    for a, b in _groups(plan):
+        seg = plan[a]
+        if _is_direct(seg.start, seg.stop):
+            cost += _DIRECT_COST * (seg.stop - seg.start) * seg.length
+        else:
+            cost += (b - a + 1) * _fft_cost(seg.size)
+    return cost
 
 
 def spectrum(xp, x, size):
@@ -260,17 +276,15 @@ def segment_rmatmul(xp, plan, spectra, columns, zt, n):
     return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=-2)
 
 
-def c_product(xp, lower, upper, zt, *, transpose=False):
+def c_product(lower, upper, zt, *, transpose=False):
     """``C Z`` (``Cᵀ Z`` if ``transpose``) in the transposed layout, from the exponentiated
     bases: ``C`` is ``lower`` plus, when ``upper`` is not ``None``, the transpose of ``upper``
     (which holds the strictly upper part of ``C`` transposed, so it enters through the other
-    one of the two products).  ``D = C · 1`` is ``c_product(xp, lower, upper, ones (1, n))``.
+    one of the two products).  ``D = C · 1`` is ``c_product(lower, upper, ones (1, n))``.
     """
-    products = (segment_matmul, segment_rmatmul)
-    first, second = products[::-1] if transpose else products
-    out = first(xp, lower.plan, lower.spectra, lower.vectors, zt, lower.n)
+    out = lower.product(zt, transpose=transpose)
     if upper is not None:
-        out = out + second(xp, upper.plan, upper.spectra, upper.vectors, zt, lower.n)
+        out = out + upper.product(zt, transpose=not transpose)
     return out
 
 

@@ -119,7 +119,7 @@ class ConvAttentionOperator:
 
     def _c_product(self, zt, *, transpose=False):
         """``C Z`` (``Cᵀ Z`` if ``transpose``) in the transposed layout ``(..., p, n)``."""
-        return c_product(self._xp, self.lower_exp, self.upper_exp, zt, transpose=transpose)
+        return c_product(self.lower_exp, self.upper_exp, zt, transpose=transpose)
 
     # The four products.  Kept rows have D > noise / min(tolerance, 1) > 0 and recomputed ones
     # D = 1 (the safeguard's selection), so dividing by D is safe.
@@ -239,10 +239,10 @@ def _build(xp, q, k, rank, causal, probe, delta, scale, tolerance, with_values=N
     # D = C · 1 and C V as separate products: V enters in its transposed view, which the
     # FFT's zero-padding copies anyway (a concatenated [Vᵀ; 1] would cost one more pass).
     ones = xp.ones((1, n), dtype=dtype, device=device(q))
-    normaliser = c_product(xp, lower_exp, upper_exp, ones)[..., 0, :]
+    normaliser = c_product(lower_exp, upper_exp, ones)[..., 0, :]
     prod = None
     if with_values is not None:
-        prod = c_product(xp, lower_exp, upper_exp, xp.matrix_transpose(with_values))
+        prod = c_product(lower_exp, upper_exp, xp.matrix_transpose(with_values))
     bases = [(lower_exp, "segment")]
     if upper_exp is not None:
         bases.append((upper_exp, "suffix"))

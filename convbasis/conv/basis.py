@@ -29,6 +29,7 @@ from .._capabilities import check_eager
 from .._validation import broadcast_shapes
 from ._fft import (
     Segment,
+    segment_cost,
     segment_index,
     segment_matmul,
     segment_plan,
@@ -36,6 +37,7 @@ from ._fft import (
     segment_spectra,
     valid_mask,
 )
+from ._tiled import choose_tiles, tile_spectra, tiled_matmul, tiled_rmatmul
 
 __all__ = ["ConvBasis", "conv_matmul", "conv_rmatmul", "decompose_conv_basis", "fit_conv_basis"]
 
@@ -114,6 +116,28 @@ class ConvBasis:
         direct segments; ``_fft.segment_spectra``)."""
         return segment_spectra(self._xp, self.vectors, self.plan)
 
+    @cached_property
+    def tiles(self):
+        """The tiling of the tiled products (``_tiled``), or ``None`` where the segment form
+        is cheaper (the route of every product with this basis)."""
+        return choose_tiles(self.starts, self.n, segment_cost(self.plan))
+
+    @cached_property
+    def tile_spectra(self):
+        """The window spectra of the tiled products (``_tiled.tile_spectra``)."""
+        return tile_spectra(self._xp, self.vectors, self.tiles)
+
+    def product(self, zt, *, transpose=False):
+        """``H Z`` (``Hᵀ Z`` if ``transpose``) in the transposed layout ``(..., p, n)``, ``zt``
+        in the vectors' dtype, by the cheaper of the tiled and the segment forms."""
+        xp = self._xp
+        if self.tiles is not None:
+            product = tiled_rmatmul if transpose else tiled_matmul
+            z = xp.matrix_transpose(zt)
+            return xp.matrix_transpose(product(xp, self.tiles, self.tile_spectra, z))
+        product = segment_rmatmul if transpose else segment_matmul
+        return product(xp, self.plan, self.spectra, self.vectors, zt, self.n)
+
     def basis_vectors(self):
         """The vectors ``b_i`` of ``H = Σ conv(b_i, m_i)``: ``b_0 = c_0``, ``b_i = c_i - c_{i-1}``
         on ``[: m_i]`` and zero beyond.  Shape ``(..., k, n)``."""
@@ -139,15 +163,14 @@ class ConvBasis:
 
     def matmul(self, z):
         """``H Z`` for ``z (..., n, p)``, by FFT in ``O(k n p log n)``."""
-        xp, z, vectors, spectra = _product_operands(self, z)
-        out = segment_matmul(xp, self.plan, spectra, vectors, xp.matrix_transpose(z), self.n)
-        return xp.matrix_transpose(out)
+        basis, z = _product_operands(self, z)
+        return basis._xp.matrix_transpose(basis.product(basis._xp.matrix_transpose(z)))
 
     def rmatmul(self, z):
         """``Hᵀ Z`` for ``z (..., n, p)``, by FFT in ``O(k n p log n)``."""
-        xp, z, vectors, spectra = _product_operands(self, z)
-        out = segment_rmatmul(xp, self.plan, spectra, vectors, xp.matrix_transpose(z), self.n)
-        return xp.matrix_transpose(out)
+        basis, z = _product_operands(self, z)
+        out = basis.product(basis._xp.matrix_transpose(z), transpose=True)
+        return basis._xp.matrix_transpose(out)
 
     def max(self):
         """The largest entry of ``H`` on the lower triangle, per batch element ``(...)``."""
@@ -175,19 +198,19 @@ class ConvBasis:
 
 
 def _product_operands(basis, z):
-    """``xp, z, vectors, spectra`` for a product of ``basis`` with ``z (..., n, p)``."""
+    """``basis, z`` for a product of ``basis`` with ``z (..., n, p)``, in one dtype."""
     xp = namespace(basis.vectors, z)
     check_rows(z, "z")
     if z.shape[-2] != basis.n:
         raise ValueError(f"z must have shape (..., n, p) with n = {basis.n}, got {tuple(z.shape)}")
     (z,) = as_floating(xp, (z,), ("z",))
     if z.dtype == basis.vectors.dtype:
-        return xp, z, basis.vectors, basis.spectra
+        return basis, z
     # A wider z: the vectors' spectra must be taken in the wider dtype too, or the
     # product carries the narrow dtype's FFT round-off.
     dtype = xp.result_type(z, basis.vectors)
-    vectors = xp.astype(basis.vectors, dtype)
-    return xp, xp.astype(z, dtype), vectors, segment_spectra(xp, vectors, basis.plan)
+    wide = ConvBasis(basis.starts, xp.astype(basis.vectors, dtype), basis.n)
+    return wide, xp.astype(z, dtype)
 
 
 def _masked_max(xp, c, keep):

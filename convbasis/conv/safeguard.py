@@ -33,15 +33,23 @@ def noise_floor(xp, bases, dtype):
     For one segment the FFT convolution of ``x`` with ``z`` has error ≲ ``u · log2(N) ·
     ‖x‖₂ ‖z‖₂``; summed over the segments of every basis with ``z = 1`` on the segment
     (``bases`` holds ``(basis, "segment")`` for ``C``'s lower part and ``(basis, "suffix")``
-    for the transposed upper part).  Returned per batch element ``(...)``.
+    for the transposed upper part).  A tiled basis (docs/conv.rst, "Tiled products") sums
+    that bound over the tiles: segment ``i``'s at most ``w / B + 2`` pieces, each against a
+    window of ``c_i`` (every lag in two), give ``u · log2(2B) · ‖c_i‖₂ √(2 (w + 2B))`` for
+    ``w`` columns of ``z``.  Returned per batch element ``(...)``.
     """
     unit = float(xp.finfo(dtype).eps)
     total = None
     for basis, reach in bases:
+        tiles = basis.tiles
         for i, seg in enumerate(basis.plan):
             width = (seg.stop - seg.start) if reach == "segment" else seg.length
+            if tiles is None:
+                factor = math.log2(max(seg.size, 2)) * math.sqrt(width)
+            else:
+                factor = math.log2(2 * tiles.block) * math.sqrt(2 * (width + 2 * tiles.block))
             norm = xp.sqrt(xp.sum(basis.vectors[..., i, :] ** 2, axis=-1))
-            term = norm * (unit * math.log2(max(seg.size, 2)) * math.sqrt(width))
+            term = norm * (unit * factor)
             total = term if total is None else total + term
     return total
 
