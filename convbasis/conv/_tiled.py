@@ -170,35 +170,37 @@ def _frequency_major(xp, x):
     return xp.permute_dims(x, (*axes, x.ndim - 2, x.ndim - 3, x.ndim - 1))
 
 
-def tiled_matmul(xp, tiles, spectra, z):
-    """``H Z`` for ``z (..., n, p)`` from :func:`tile_spectra` ``spectra``: ``(..., n, p)``."""
+def _chunked(xp, tiles, spectra, z, product):
+    """``product(z_chunk, mask)`` over the column chunks of ``z (..., n, p)``, concatenated;
+    the empty product without a transform."""
     if math.prod(z.shape) == 0 or math.prod(spectra.shape) == 0:
         return _empty_product(xp, spectra, z)
-    block, _, pieces = tiles
-    n, p = z.shape[-2:]
     mask = _piece_mask(xp, tiles, z.dtype, device(z))
-    which = xp.asarray([j for j, _, _, _ in pieces], device=device(z))
     batch = math.prod(xp.broadcast_shapes(spectra.shape[:-3], z.shape[:-2]))
-    out = []
-    for lo, hi in _column_chunks(tiles, p, batch):
-        frames = xp.take(_blocks(xp, z[..., lo:hi], tiles), which, axis=z.ndim - 2)
+    out = [product(z[..., lo:hi], mask) for lo, hi in _column_chunks(tiles, z.shape[-1], batch)]
+    return out[0] if len(out) == 1 else xp.concat(out, axis=-1)
+
+
+def tiled_matmul(xp, tiles, spectra, z):
+    """``H Z`` for ``z (..., n, p)`` from :func:`tile_spectra` ``spectra``: ``(..., n, p)``."""
+    block, _, pieces = tiles
+    which = xp.asarray([j for j, _, _, _ in pieces], device=device(z))
+
+    def product(z, mask):
+        frames = xp.take(_blocks(xp, z, tiles), which, axis=z.ndim - 2)
         if mask is not None:
             frames = frames * mask
         f = _frequency_major(xp, rfft(frames, 2 * block, -2, xp))  # (..., B + 1, P, w)
         y = irfft(spectra @ f, 2 * block, -3, xp)[..., :block, :, :]  # (..., B, nb, w)
-        out.append(_natural(xp, y, n))
-    return out[0] if len(out) == 1 else xp.concat(out, axis=-1)
+        return _natural(xp, y, z.shape[-2])
+
+    return _chunked(xp, tiles, spectra, z, product)
 
 
 def tiled_rmatmul(xp, tiles, spectra, z):
     """``Hᵀ Z`` for ``z (..., n, p)``, with the arguments of :func:`tiled_matmul`."""
-    if math.prod(z.shape) == 0 or math.prod(spectra.shape) == 0:
-        return _empty_product(xp, spectra, z)
     block, count, pieces = tiles
-    n, p = z.shape[-2:]
-    mask = _piece_mask(xp, tiles, z.dtype, device(z))
     adjoint = xp.conj(xp.matrix_transpose(spectra))  # (..., B + 1, P, nb)
-    batch = math.prod(xp.broadcast_shapes(spectra.shape[:-3], z.shape[:-2]))
     # The first piece of each block carries it; the others (a segment start inside the
     # block: at most k − 1 of them) are added after.
     first = [None] * count
@@ -207,14 +209,15 @@ def tiled_rmatmul(xp, tiles, spectra, z):
             first[j] = index
     extra = [(index, j) for index, (j, _, _, _) in enumerate(pieces) if first[j] != index]
     first = xp.asarray(first, device=device(z))
-    out = []
-    for lo, hi in _column_chunks(tiles, p, batch):
-        f = _frequency_major(xp, rfft(_blocks(xp, z[..., lo:hi], tiles), 2 * block, -2, xp))
+
+    def product(z, mask):
+        f = _frequency_major(xp, rfft(_blocks(xp, z, tiles), 2 * block, -2, xp))
         y = irfft(adjoint @ f, 2 * block, -3, xp)[..., :block, :, :]  # (..., B, P, w)
         if mask is not None:
             y = y * xp.permute_dims(mask, (1, 0, 2))
         total = xp.take(y, first, axis=y.ndim - 2)  # (..., B, nb, w)
         for index, j in extra:
             total = xpx.at(total)[..., j, :].add(y[..., index, :])
-        out.append(_natural(xp, total, n))
-    return out[0] if len(out) == 1 else xp.concat(out, axis=-1)
+        return _natural(xp, total, z.shape[-2])
+
+    return _chunked(xp, tiles, spectra, z, product)
